@@ -1,0 +1,43 @@
+# eglp_dist — one entry point for setup, demo, tests and benchmarks.
+# `make setup` works on a fresh machine with no manual step; see README "Setup" for what it
+# does differently on a machine with CUDA.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+PIP_FLAGS ?= --disable-pip-version-check
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+TORCH_SPEC := $(if $(HAS_GPU),torch==2.13.0,torch==2.13.0+cpu)
+
+.PHONY: setup demo test test-all bench lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements/constraints.txt requirements/runtime.txt requirements/dev.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install $(PIP_FLAGS) -q "setuptools==84.2.1" "wheel==0.48.0"
+	# torch first. Without a GPU only the +cpu build is acceptable (never the CUDA build and
+	# its nvidia-* packages); the PyTorch CPU index is a fallback where no local wheel exists.
+	$(PIP) install $(PIP_FLAGS) -q "$(TORCH_SPEC)" \
+	  || $(PIP) install $(PIP_FLAGS) -q "$(TORCH_SPEC)" --extra-index-url https://download.pytorch.org/whl/cpu
+	$(PIP) install $(PIP_FLAGS) -q -c requirements/constraints.txt -r requirements/runtime.txt -r requirements/dev.txt
+	# deepspeed ships as an sdist whose setup.py imports torch: build it against ours.
+	DS_BUILD_OPS=0 $(PIP) install $(PIP_FLAGS) -q --no-build-isolation -c requirements/constraints.txt "deepspeed==0.19.8"
+	$(PIP) install $(PIP_FLAGS) -q --no-build-isolation --no-deps -e .
+	$(PY) -m eglp_dist.compat
+	touch $@
+
+demo: setup
+	$(PY) -m eglp_dist demo
+
+test: setup
+	$(PY) -m pytest -q
+
+test-all: setup
+	$(PY) -m pytest -q -m "slow or not slow"
+
+bench: setup
+	$(PY) tools/bench_engine.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

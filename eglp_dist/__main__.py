@@ -1,0 +1,3 @@
+from eglp_dist.cli import main
+
+raise SystemExit(main())

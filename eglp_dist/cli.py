@@ -1,0 +1,130 @@
+"""One command line for everything: ``eglp SUBCOMMAND ...`` or ``python -m eglp_dist SUBCOMMAND``.
+
+Arguments of every subcommand are declared here, so ``--help`` is instant and complete;
+the work is imported lazily from the module that owns it (``HANDLERS``), so a config error
+is reported before torch, DALI or DeepSpeed are even imported.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable, Dict, List, Optional
+
+# subcommand -> "module:function"; the function takes the parsed argparse.Namespace and
+# returns an exit code.
+HANDLERS: Dict[str, str] = {
+    "train": "eglp_dist.train:run_cli",
+    "eval": "eglp_dist.evaluate:run_cli",
+    "predict": "eglp_dist.evaluate:predict_cli",
+    "score": "eglp_dist.evaluate:score_cli",
+    "pack": "eglp_dist.data.pack:run_cli",
+    "synth": "eglp_dist.data.synth:run_cli",
+    "convert-mit": "eglp_dist.models.convert:run_cli",
+    "bench": "eglp_dist.bench:run_cli",
+    "demo": "eglp_dist.demo:run_cli",
+}
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides, e.g. trainer.max_iters=100; GROUP=NAME picks "
+                        "configs/GROUP/NAME.yaml, e.g. engine=zero2")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eglp", description="Distributed UDA / DG semantic segmentation (EGLP, SPN, HRDA, DAFormer).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("train", help="train a model from a config (torchrun / deepspeed / SLURM aware)")
+    _add_config_args(p)
+    # The DeepSpeed launcher appends --local_rank=N to the script's arguments.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("eval", help="distributed mIoU of a checkpoint on the config's validation data")
+    p.add_argument("config")
+    p.add_argument("checkpoint", help="checkpoint folder (e.g. runs/x/checkpoints/latest)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("predict", help="write one prediction PNG per image (server formats)")
+    p.add_argument("config")
+    p.add_argument("checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--split", default="val", choices=["val", "test"])
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--format", default="trainid", choices=["trainid", "labelid", "color"])
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("score", help="mIoU of a folder of predictions against a folder of labels")
+    p.add_argument("--pred", required=True, help="folder of prediction PNGs")
+    p.add_argument("--gt", required=True, help="folder of label PNGs (trainId or labelId)")
+    p.add_argument("--json", default=None, help="also write the table as JSON here")
+
+    p = sub.add_parser("pack", help="pack a dataset folder into WebDataset shards + DALI index + manifest")
+    p.add_argument("--dataset", required=True, help="dataset name (see eglp_dist/data/layouts.py)")
+    p.add_argument("--root", required=True, help="dataset root in its published layout")
+    p.add_argument("--split", required=True)
+    p.add_argument("--out", required=True, help="output folder (created atomically)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--image-format", default="jpg", choices=["jpg", "png"])
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--skip-bad", action="store_true", help="skip bad samples and list them in the manifest")
+    p.add_argument("--seed", type=int, default=0, help="pack-time shuffle seed")
+
+    p = sub.add_parser("synth", help="write synthetic street scenes in a real dataset layout")
+    p.add_argument("--dataset", required=True, help="layout to write (cityscapes, acdc, gta5, ...)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=40, help="images per split")
+    p.add_argument("--split", action="append", default=None, help="split(s) to write (default: layout's)")
+    p.add_argument("--style", default=None, help="day | night | fog | rain | game (default: dataset's)")
+    p.add_argument("--size", type=int, nargs=2, default=None, metavar=("W", "H"))
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("convert-mit", help="convert a SegFormer/mmseg mit_b*.pth to timm's pvt_v2 layout")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--variant", default=None, help="pvt_v2_b0..b5 (default: inferred from the weights)")
+
+    p = sub.add_parser("bench", help="benchmarks: loader | step | engine")
+    p.add_argument("what", choices=["loader", "step", "engine"])
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of tools/bench_WHAT.py")
+
+    p = sub.add_parser("demo", help="synthetic day/night data -> shards -> 2-rank training -> mIoU")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--iters", type=int, default=None)
+    return parser
+
+
+def _resolve(target: str) -> Callable[[argparse.Namespace], int]:
+    module_name, func_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            raise NotImplementedError from exc
+        raise
+    func = getattr(module, func_name, None)
+    if func is None:
+        raise NotImplementedError
+    return func
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        handler = _resolve(HANDLERS[args.command])
+    except NotImplementedError:
+        print(f"eglp {args.command}: not implemented yet", file=sys.stderr)
+        return 3
+    from eglp_dist.errors import UserError
+
+    try:
+        return int(handler(args) or 0)
+    except UserError as exc:
+        print(f"eglp {args.command}: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,285 @@
+"""Run configuration: structured defaults <- YAML file (with ``defaults:`` includes) <- CLI.
+
+Every component owns a dataclass (``data/config.py``, ``models/config.py``, ...); ``Config``
+composes them. A YAML file may start with a ``defaults:`` list whose entries are merged first,
+in order, and then the file's own keys on top:
+
+    defaults:
+      - ../base.yaml        # another file, path relative to this one
+      - model: tiny_hrda    # configs/model/tiny_hrda.yaml merged into the `model` node
+      - engine: ddp         # configs/engine/ddp.yaml merged into the `engine` node
+
+On the command line, ``key.sub=value`` sets a value and ``GROUP=NAME`` (e.g. ``engine=zero2``)
+merges ``configs/GROUP/NAME.yaml`` into that node, exactly like a ``defaults:`` entry.
+
+Unknown keys, wrongly typed values and values outside a field's choices fail at load with a
+:class:`~eglp_dist.errors.ConfigError` naming the dotted key (and the closest valid key).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from eglp_dist.config_fields import CHOICES, choice, non_negative, positive
+from eglp_dist.data.config import DataConfig
+from eglp_dist.errors import ConfigError
+from eglp_dist.methods.config import MethodConfig
+from eglp_dist.models.config import ModelConfig
+
+PACKAGE_CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs"  # the run folder is out_dir/name
+    seed: int = 0
+
+
+@dataclass
+class DistConfig:
+    backend: str = choice("auto", ["auto", "nccl", "gloo"])  # auto: NCCL with CUDA, gloo without
+    timeout_s: int = positive(1800)  # collective timeout
+
+
+@dataclass
+class EngineConfig:
+    """How optimised models are wrapped: torch DDP or DeepSpeed ZeRO stage 1/2."""
+    kind: str = choice("ddp", ["ddp", "zero1", "zero2"])
+    precision: str = choice("auto", ["auto", "fp32", "bf16"])  # auto: bf16 autocast on CUDA, fp32 on CPU
+    grad_accum: int = positive(1)  # optimizer steps every grad_accum iterations
+    grad_clip: Optional[float] = None  # max global grad norm; None = off (DAFormer/HRDA use none)
+    bucket_mb: int = positive(25)  # DDP bucket_cap_mb and ZeRO reduce/allgather bucket size
+    overlap_comm: bool = False  # ZeRO: overlap gradient reduction with backward
+    find_unused_parameters: bool = False  # DDP
+
+
+@dataclass
+class OptimConfig:
+    """AdamW as DAFormer/HRDA: lr 6e-5, betas (0.9, 0.999), wd 0.01, heads at 10x."""
+    name: str = choice("adamw", ["adamw", "sgd"])
+    lr: float = positive(6e-5)
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    momentum: float = non_negative(0.9)  # sgd only
+    weight_decay: float = non_negative(0.01)
+    head_lr_mult: float = positive(10.0)
+
+
+@dataclass
+class ScheduleConfig:
+    """Linear warm-up then polynomial decay, mmseg's `poly` with `warmup='linear'`."""
+    warmup_iters: int = non_negative(1500)
+    warmup_ratio: float = non_negative(1e-6)
+    power: float = non_negative(1.0)
+    min_lr_ratio: float = non_negative(0.0)
+
+
+@dataclass
+class TrainerConfig:
+    max_iters: int = positive(40000)
+    log_interval: int = positive(50)
+    eval_interval: int = positive(4000)
+    ckpt_interval: int = positive(4000)
+    keep_last: int = positive(3)
+    image_interval: int = positive(1000)  # picture grids to TensorBoard every K iterations
+    resume: str = "auto"  # auto | never | path to a checkpoint folder
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def config_root_for(path: Path) -> Path:
+    """The `configs/` folder that group names (model=..., engine=...) refer to: the nearest
+    ancestor of the file called `configs`, else the one shipped with the package."""
+    for parent in path.resolve().parents:
+        if parent.name == "configs":
+            return parent
+    return PACKAGE_CONFIG_ROOT
+
+
+def _read_yaml(path: Path) -> Dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _group_file(root: Path, group: str, name: str, origin: str) -> Path:
+    path = root / group / f"{name}.yaml"
+    if not path.is_file():
+        available = sorted(p.stem for p in (root / group).glob("*.yaml"))
+        if not (root / group).is_dir():
+            raise ConfigError(f"{origin}: no config group {group!r} (no folder {root / group})")
+        raise ConfigError(f"{origin}: no config {name!r} in group {group!r} "
+                          f"(available: {', '.join(available)})")
+    return path
+
+
+def compose_file(path: Path, root: Optional[Path] = None, _seen: Tuple[Path, ...] = ()) -> DictConfig:
+    """Read a YAML file and everything its `defaults:` list names, merged in order."""
+    path = path.resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: defaults form a cycle: {' -> '.join(map(str, _seen + (path,)))}")
+    root = root or config_root_for(path)
+    data = _read_yaml(path)
+    defaults = data.pop("defaults", []) or []
+    if not isinstance(defaults, list):
+        raise ConfigError(f"{path}: 'defaults' must be a list")
+    merged = OmegaConf.create({})
+    for entry in defaults:
+        if isinstance(entry, str):
+            part = compose_file(path.parent / entry, root, _seen + (path,))
+        elif isinstance(entry, dict) and len(entry) == 1:
+            (group, name), = entry.items()
+            group_path = _group_file(root, group, str(name), str(path))
+            part = OmegaConf.create({group: compose_file(group_path, root, _seen + (path,))})
+        else:
+            raise ConfigError(f"{path}: a defaults entry must be 'file.yaml' or 'group: name', got {entry!r}")
+        merged = OmegaConf.merge(merged, part)
+    return OmegaConf.merge(merged, OmegaConf.create(data))
+
+
+def _schema_keys(node: Any, prefix: str = "") -> List[str]:
+    keys = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            full = f"{prefix}{k}"
+            keys.append(full)
+            keys.extend(_schema_keys(node._get_node(k), full + "."))
+    return keys
+
+
+def _is_open_dict(node: DictConfig) -> bool:
+    """A Dict[str, X] field (free keys) rather than a dataclass (fixed keys)."""
+    obj_type = node._metadata.object_type
+    return obj_type is None or obj_type is dict
+
+
+def _first_leaf(node: Any, prefix: str) -> str:
+    """`not` + {a: {key: 1}} -> `not.a.key`: name the key the user actually wrote."""
+    while isinstance(node, DictConfig) and len(node) == 1:
+        (k,) = node.keys()
+        prefix, node = f"{prefix}.{k}", node._get_node(k)
+    return prefix
+
+
+def check_keys(schema: DictConfig, update: Any, origin: str, prefix: str = "") -> None:
+    """Reject keys of `update` that the schema does not have, naming the dotted key."""
+    if not isinstance(update, DictConfig):
+        return
+    for key in update.keys():
+        full = f"{prefix}{key}"
+        if key not in schema:
+            full = _first_leaf(update._get_node(key), full)
+            candidates = _schema_keys(schema, prefix)
+            close = difflib.get_close_matches(full, candidates, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            where = f" (in {origin})" if origin else ""
+            raise ConfigError(f"unknown config key '{full}'{where}{hint}")
+        sub = schema._get_node(key)
+        if isinstance(sub, DictConfig) and not _is_open_dict(sub):
+            check_keys(sub, update._get_node(key), origin, full + ".")
+
+
+def _merge(schema: DictConfig, update: DictConfig, origin: str) -> DictConfig:
+    check_keys(schema, update, origin)
+    try:
+        return OmegaConf.merge(schema, update)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        msg = str(exc).splitlines()[0]
+        where = f" (in {origin})" if origin else ""
+        raise ConfigError(f"bad value for config key '{key}'{where}: {msg}") from exc
+
+
+def _check_field_rules(cfg: DictConfig, dc_type: type, prefix: str = "") -> None:
+    """Choices and bounds declared with config_fields.choice/positive/non_negative."""
+    for f in dataclasses.fields(dc_type):
+        value = cfg[f.name]
+        full = f"{prefix}{f.name}"
+        if CHOICES in f.metadata and value not in f.metadata[CHOICES]:
+            raise ConfigError(f"bad value for config key '{full}': {value!r} is not one of "
+                              f"{list(f.metadata[CHOICES])}")
+        if "min" in f.metadata and value is not None:
+            lo = f.metadata["min"]
+            if value < lo or (f.metadata["min_exclusive"] and value == lo):
+                rel = ">" if f.metadata["min_exclusive"] else ">="
+                raise ConfigError(f"bad value for config key '{full}': {value!r} must be {rel} {lo}")
+        if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None) or (
+                isinstance(value, DictConfig) and dataclasses.is_dataclass(value._metadata.object_type)):
+            _check_field_rules(value, value._metadata.object_type, full + ".")
+
+
+def parse_overrides(overrides: Iterable[str], root: Path, schema: DictConfig) -> List[Tuple[str, DictConfig]]:
+    """`key=value` items -> list of (origin, partial config) to merge in order."""
+    parts = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"command-line override {item!r} is not KEY=VALUE")
+        key, value = item.split("=", 1)
+        key = key.strip().lstrip("+")
+        origin = f"command line '{item}'"
+        if "." not in key and (root / key).is_dir() and value and "/" not in value:
+            group_path = _group_file(root, key, value, origin)
+            parts.append((origin, OmegaConf.create({key: compose_file(group_path, root)})))
+        else:
+            try:
+                parts.append((origin, OmegaConf.from_dotlist([f"{key}={value}"])))
+            except OmegaConfBaseException as exc:
+                raise ConfigError(f"{origin}: cannot parse: {exc}") from exc
+    return parts
+
+
+def load_config(path: os.PathLike | str, overrides: Sequence[str] = ()) -> DictConfig:
+    """Defaults <- file (with its defaults) <- overrides, validated. Returns a read-only
+    structured DictConfig (attribute access, typed)."""
+    path = Path(path)
+    root = config_root_for(path)
+    schema = OmegaConf.structured(Config)
+    cfg = _merge(schema, compose_file(path, root), str(path))
+    for origin, part in parse_overrides(overrides, root, schema):
+        cfg = _merge(cfg, part, origin)
+    _check_field_rules(cfg, Config)
+    missing = OmegaConf.missing_keys(cfg)
+    if missing:
+        raise ConfigError(f"config keys without a value: {', '.join(sorted(missing))}")
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def save_resolved(cfg: DictConfig, path: os.PathLike | str) -> None:
+    """Write the fully resolved config (atomically) so a run can be reproduced from it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    os.replace(tmp, path)
+
+
+def to_plain(cfg: DictConfig) -> Dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,153 @@
+"""Atomic, resumable checkpoints of a whole run: every engine (in its own format), the plain
+modules beside them (EMA teachers), run-wide state (iteration, method state) and per-rank
+state (RNG streams, data-stream positions).
+
+Layout of ``<run>/checkpoints/``::
+
+    iter_0004000/
+        engines/<name>/...      engine.pt (DDP) or DeepSpeed's zero/ folder (each rank its partition)
+        modules.pt              plain modules' state_dicts (rank 0; identical on all ranks)
+        state.pt                run-wide state (rank 0)
+        rank_00000.pt ...       per-rank state (every rank)
+        COMPLETE                written last: a folder without it is never loaded
+    latest -> iter_0004000      symlink, replaced atomically
+
+Every rank takes part. All write into ``.tmp-iter_XXXXXXX``; after a barrier rank 0 marks it
+complete, renames it into place, repoints ``latest`` and prunes to ``keep_last``. A crash at
+any point leaves either the previous checkpoint or the new one, never half of one.
+The folder must be on a file system all ranks share (as for any multi-node run).
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+import numpy as np
+import torch
+
+from eglp_dist.dist import comm
+
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+_ITER_RE = re.compile(r"^iter_(\d+)$")
+
+
+def capture_rng() -> Dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def checkpoint_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".part")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(ckpt_root: os.PathLike | str, step: int, engines: Mapping[str, Any],
+                    modules: Mapping[str, torch.nn.Module], state: Mapping[str, Any],
+                    rank_state: Mapping[str, Any], keep_last: int = 3) -> Path:
+    """Collective: call on every rank with the same `step`. Returns the final folder."""
+    root = Path(ckpt_root)
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{final.name}"
+    if comm.rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
+        tmp.mkdir()
+    comm.barrier()
+    for name, engine in engines.items():
+        engine.save(tmp / "engines" / name)
+    if comm.rank() == 0:
+        _atomic_torch_save({k: m.state_dict() for k, m in modules.items()}, tmp / "modules.pt")
+        _atomic_torch_save(dict(state, step=step), tmp / "state.pt")
+    _atomic_torch_save(dict(rank_state, rng=capture_rng()), tmp / f"rank_{comm.rank():05d}.pt")
+    comm.barrier()
+    if comm.rank() == 0:
+        (tmp / COMPLETE).write_text(f"{step}\n")
+        if final.exists():  # re-save of the same step (e.g. final == last periodic)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        link_tmp = root / f".{LATEST}.tmp"
+        if link_tmp.is_symlink() or link_tmp.exists():
+            link_tmp.unlink()
+        os.symlink(final.name, link_tmp)
+        os.replace(link_tmp, root / LATEST)
+        _prune(root, keep_last)
+    comm.barrier()
+    return final
+
+
+def _complete_checkpoints(root: Path):
+    found = []
+    if root.is_dir():
+        for p in root.iterdir():
+            m = _ITER_RE.match(p.name)
+            if m and p.is_dir() and (p / COMPLETE).is_file():
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    for _, path in _complete_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def find_latest(ckpt_root: os.PathLike | str) -> Optional[Path]:
+    """The newest complete checkpoint (following `latest`, falling back to a scan if the
+    link is missing or points to an incomplete folder)."""
+    root = Path(ckpt_root)
+    link = root / LATEST
+    if link.exists() and (link.resolve() / COMPLETE).is_file():
+        return link.resolve()
+    complete = _complete_checkpoints(root)
+    return complete[-1][1] if complete else None
+
+
+def resolve_checkpoint(path: os.PathLike | str) -> Path:
+    """A user-given checkpoint path (a folder, `latest`, or a run's checkpoints folder)."""
+    p = Path(path)
+    if (p / COMPLETE).is_file():
+        return p.resolve()
+    latest = find_latest(p)
+    if latest is None:
+        raise FileNotFoundError(f"{p}: not a complete checkpoint folder (no {COMPLETE} marker) "
+                                f"and holds no complete checkpoint")
+    return latest
+
+
+def load_checkpoint(path: os.PathLike | str, engines: Mapping[str, Any],
+                    modules: Mapping[str, torch.nn.Module], restore_rng_state: bool = True):
+    """Collective. Loads engines and modules in place; returns (state, rank_state).
+    A run resumed on a different world size gets rank 0's per-rank state if its own is absent."""
+    path = resolve_checkpoint(path)
+    for name, engine in engines.items():
+        engine.load(path / "engines" / name)
+    module_states = torch.load(path / "modules.pt", map_location="cpu", weights_only=False)
+    for name, module in modules.items():
+        module.load_state_dict(module_states[name])
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    rank_file = path / f"rank_{comm.rank():05d}.pt"
+    if not rank_file.is_file():
+        rank_file = path / "rank_00000.pt"
+    rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+    if restore_rng_state:
+        restore_rng(rank_state["rng"])
+    return state, rank_state

@@ -1,0 +1,60 @@
+"""The named collectives the rest of the code may use (DESIGN: nothing else calls
+torch.distributed). They work under DDP and DeepSpeed alike because both share torch's default
+process group, and degrade to no-ops in a single process without one.
+
+Statistics are reduced as sums (never averages) so that N ranks give the same answer as one
+rank over the same samples.
+"""
+from __future__ import annotations
+
+from typing import Any, List
+
+import torch
+import torch.distributed as tdist
+
+
+def is_distributed() -> bool:
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def world_size() -> int:
+    return tdist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return tdist.get_rank() if is_distributed() else 0
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place SUM across ranks; returns the tensor. Integer tensors stay exact."""
+    if is_distributed() and world_size() > 1:
+        tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    if is_distributed() and world_size() > 1:
+        tdist.all_reduce(tensor, op=tdist.ReduceOp.MAX)
+    return tensor
+
+
+def barrier() -> None:
+    if is_distributed() and world_size() > 1:
+        tdist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s Python object on every rank (small things: paths, decisions)."""
+    if not (is_distributed() and world_size() > 1):
+        return obj
+    box: List[Any] = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> List[Any]:
+    if not (is_distributed() and world_size() > 1):
+        return [obj]
+    out: List[Any] = [None] * world_size()
+    tdist.all_gather_object(out, obj)
+    return out

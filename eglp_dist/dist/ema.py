@@ -1,0 +1,48 @@
+"""EMA teacher (mean teacher of DACS/DAFormer/HRDA).
+
+The teacher is a plain module beside the engines, never wrapped: it gets no gradients and
+needs no communication. It tracks the *unwrapped* student (``engine.model``), whose
+parameters are full and identical on every rank under DDP and under ZeRO-1/2 (those stages
+partition optimizer state and gradients, not parameters), so every rank's teacher is the same.
+
+Update rule (DAFormer ``_update_ema``): ``alpha_t = min(1 - 1/(t + 1), alpha)``, parameters
+only (buffers keep the values they were copied with), done with ``torch._foreach_*`` so it is
+one multi-tensor kernel rather than a Python loop over hundreds of tensors.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Dict
+
+import torch
+import torch.nn as nn
+
+
+def ema_alpha(step: int, alpha_max: float) -> float:
+    return min(1.0 - 1.0 / (step + 1), alpha_max)
+
+
+class EMATeacher:
+    def __init__(self, student: nn.Module, alpha: float = 0.999):
+        self.alpha = alpha
+        self.module = copy.deepcopy(student)
+        self.module.requires_grad_(False)
+        self.module.eval()  # dropout / drop-path off for pseudo-labels
+
+    @torch.no_grad()
+    def update(self, student: nn.Module, step: int) -> float:
+        """Move the teacher towards `student`; returns the alpha used."""
+        alpha = ema_alpha(step, self.alpha)
+        teacher_params = [p for p in self.module.parameters()]
+        student_params = [p.detach().to(dtype=t.dtype) for p, t in zip(student.parameters(), teacher_params)]
+        if len(teacher_params) != len(list(student.parameters())):
+            raise RuntimeError("EMA teacher and student have different parameter lists")
+        torch._foreach_mul_(teacher_params, alpha)
+        torch._foreach_add_(teacher_params, student_params, alpha=1.0 - alpha)
+        return alpha
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state)

@@ -1,0 +1,282 @@
+"""One small interface over torch DDP and DeepSpeed ZeRO-1/2.
+
+A process may hold several engines (EGLP trains the student and the NFNet, each with its
+own optimizer); EMA teachers are plain modules beside them. Every engine:
+
+* ``engine(x)`` / ``engine.call("forward_train", x)``: run any method of the model through the
+  wrapper, so that DDP's and DeepSpeed's gradient hooks see it (both only hook ``forward``;
+  a thin dispatcher module turns the method name into a forward call);
+* ``engine.backward(loss)``: add d(loss)/d(params) — may be called several times per step
+  (DACS calls it for the source and for the mixed loss);
+* ``engine.step()``: once per iteration; the optimizer steps every ``grad_accum`` iterations,
+  then the lr schedule advances;
+* ``save(dir)`` / ``load(dir)`` / ``state_dict_fp32()``: checkpointing through the engine's
+  own format (DeepSpeed's under ZeRO: each rank writes its optimizer partition).
+
+Precision: fp32 on CPU; on CUDA, bf16 autocast around the forward with fp32 parameters and
+fp32 optimizer state in both engines, so DDP and ZeRO compute the same thing.
+Gradient semantics are identical across engines: the loss is divided by ``grad_accum`` here
+and DeepSpeed runs with ``managed_gradient_accumulation=false`` (our ``step()`` is the
+accumulation boundary, several ``backward()`` per boundary allowed).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from eglp_dist.dist.env import DistEnv
+from eglp_dist.optim import build_optimizer, build_scheduler
+
+ENGINE_FILE = "engine.pt"  # DDP checkpoint of one engine
+DS_TAG = "zero"  # DeepSpeed checkpoint tag (sub-folder) of one engine
+
+
+class MethodDispatcher(nn.Module):
+    """Routes ``forward(method, *args)`` to ``model.method(*args)``. Wrappers (DDP,
+    DeepSpeed) only instrument ``forward``; this lets a segmentor expose ``forward_train``,
+    ``encode`` etc. and still have every gradient-producing call go through the wrapper."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.model, method)(*args, **kwargs)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+class Engine:
+    """Common part: dispatch, autocast, accumulation counting, lr read-out."""
+
+    kind = "base"
+
+    def __init__(self, name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, cfg, env: DistEnv, device: torch.device):
+        self.name = name
+        self.model = model  # the plain model: parameters, state_dict, EMA source
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.cfg = cfg
+        self.env = env
+        self.device = device
+        self.grad_accum = int(cfg.grad_accum)
+        self.micro_steps = 0  # completed calls of step()
+        self._amp_dtype = autocast_dtype(cfg.precision, device)
+
+    # -- forward -------------------------------------------------------------------
+    def autocast(self):
+        if self._amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self._amp_dtype)
+
+    @property
+    def at_boundary(self) -> bool:
+        """Will the next step() update the weights?"""
+        return (self.micro_steps + 1) % self.grad_accum == 0
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        with self.autocast():
+            return self._wrapped(method, *args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.call("forward", *args, **kwargs)
+
+    def _wrapped(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    # -- optimisation -------------------------------------------------------------
+    def backward(self, loss: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def step(self) -> bool:
+        """End of one iteration. Returns True when the weights were updated."""
+        raise NotImplementedError
+
+    def lrs(self) -> List[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def train(self, mode: bool = True) -> "Engine":
+        self.model.train(mode)
+        return self
+
+    # -- state ---------------------------------------------------------------------
+    def save(self, path: Path) -> None:
+        raise NotImplementedError
+
+    def load(self, path: Path) -> None:
+        raise NotImplementedError
+
+    def state_dict_fp32(self) -> Dict[str, torch.Tensor]:
+        """Full fp32 weights of the model, identical on every rank (ZeRO-1/2 keep full
+        parameters on each rank; only optimizer state and gradients are partitioned)."""
+        return {k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def optimizer_state_bytes(self) -> Dict[str, int]:
+        """Bytes this rank holds for the optimizer: `moments` (Adam's exp_avg/exp_avg_sq or
+        SGD momentum) and `master` (fp32 master copies kept apart from the model's params)."""
+        raise NotImplementedError
+
+
+def _tensor_bytes(tensors: Iterable[Any]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+
+class DDPEngine(Engine):
+    kind = "ddp"
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.model.to(self.device)
+        self.dispatcher = MethodDispatcher(self.model)
+        if self.env.world_size > 1:
+            self.wrapper: nn.Module = DistributedDataParallel(
+                self.dispatcher,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                bucket_cap_mb=self.cfg.bucket_mb,
+                find_unused_parameters=self.cfg.find_unused_parameters)
+        else:
+            self.wrapper = self.dispatcher
+
+    def _wrapped(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(self.wrapper, DistributedDataParallel):
+            # What DDP.no_sync() does: skip the all-reduce on accumulation-only iterations.
+            self.wrapper.require_backward_grad_sync = self.at_boundary
+        return self.wrapper(method, *args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()
+
+    def step(self) -> bool:
+        boundary = self.at_boundary
+        self.micro_steps += 1
+        if not boundary:
+            return False
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return True
+
+    def save(self, path: Path) -> None:
+        if self.env.rank == 0:  # replicated state: one writer
+            path.mkdir(parents=True, exist_ok=True)
+            torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(), "micro_steps": self.micro_steps},
+                       path / ENGINE_FILE)
+
+    def load(self, path: Path) -> None:
+        state = torch.load(path / ENGINE_FILE, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.micro_steps = state["micro_steps"]
+
+    def optimizer_state_bytes(self) -> Dict[str, int]:
+        moments = _tensor_bytes(t for s in self.optimizer.state.values() for t in s.values() if t.dim() > 0)
+        return {"moments": moments, "master": 0}
+
+
+class DeepSpeedEngine(Engine):
+    kind = "zero"
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        import deepspeed
+
+        stage = {"zero1": 1, "zero2": 2}[self.cfg.kind]
+        bucket = int(self.cfg.bucket_mb * 1e6)
+        ds_config = {
+            # Batches come from our own loaders; DeepSpeed only needs a consistent triple.
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": self.grad_accum,
+            "train_batch_size": self.grad_accum * self.env.world_size,
+            "managed_gradient_accumulation": False,
+            "gradient_clipping": float(self.cfg.grad_clip or 0.0),
+            "zero_optimization": {
+                "stage": stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
+                "overlap_comm": bool(self.cfg.overlap_comm), "contiguous_gradients": True,
+            },
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 2 ** 31 - 1,
+            "wall_clock_breakdown": False,
+        }
+        self.model.to(self.device)
+        self.dispatcher = MethodDispatcher(self.model)
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.dispatcher, optimizer=self.optimizer, lr_scheduler=self.scheduler,
+            config=ds_config, dist_init_required=False)
+
+    def _wrapped(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self.ds(method, *args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss / self.grad_accum, scale_wrt_gas=False)
+
+    def step(self) -> bool:
+        boundary = self.at_boundary
+        self.micro_steps += 1
+        if not boundary:
+            return False
+        self.ds.step()  # reduce/finalise gradients, clip, optimizer step, zero grads, lr step
+        return True
+
+    def lrs(self) -> List[float]:
+        return [g["lr"] for g in self.ds.optimizer.param_groups]
+
+    def save(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.ds.save_checkpoint(str(path), tag=DS_TAG, client_state={"micro_steps": self.micro_steps},
+                                save_latest=False)
+
+    def load(self, path: Path) -> None:
+        _, client = self.ds.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
+                                            load_lr_scheduler_states=True)
+        if client is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {path / DS_TAG}")
+        self.micro_steps = client["micro_steps"]
+
+    def optimizer_state_bytes(self) -> Dict[str, int]:
+        zero_opt = self.ds.optimizer  # DeepSpeedZeroOptimizer wrapping the torch optimizer
+        inner = zero_opt.optimizer
+        moments = _tensor_bytes(t for s in inner.state.values() for t in s.values() if t.dim() > 0)
+        master = _tensor_bytes(getattr(zero_opt, "single_partition_of_fp32_groups", []))
+        return {"moments": moments, "master": master}
+
+
+def build_engine(name: str, model: nn.Module, param_groups: Iterable[Dict[str, Any]], optim_cfg,
+                 schedule_cfg, max_iters: int, engine_cfg, env: DistEnv, device: torch.device) -> Engine:
+    """The model must be built identically on every rank (same seed); both engines then
+    start from the same weights (DDP broadcasts rank 0's, DeepSpeed too)."""
+    optimizer = build_optimizer(param_groups, optim_cfg)
+    scheduler = build_scheduler(optimizer, max_iters, schedule_cfg)
+    cls = DDPEngine if engine_cfg.kind == "ddp" else DeepSpeedEngine
+    return cls(name, model, optimizer, scheduler, engine_cfg, env, device)
+
+
+def export_fp32(engine_dir: os.PathLike | str) -> Dict[str, torch.Tensor]:
+    """A plain fp32 state_dict of the model from one engine's checkpoint folder, whichever
+    engine wrote it, without starting any process group."""
+    engine_dir = Path(engine_dir)
+    if (engine_dir / ENGINE_FILE).is_file():
+        state = torch.load(engine_dir / ENGINE_FILE, map_location="cpu", weights_only=False)["model"]
+    elif (engine_dir / DS_TAG).is_dir():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        full = get_fp32_state_dict_from_zero_checkpoint(str(engine_dir), tag=DS_TAG)
+        prefix = "model."  # the MethodDispatcher's attribute
+        state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+    else:
+        raise FileNotFoundError(f"{engine_dir}: neither {ENGINE_FILE} (DDP) nor {DS_TAG}/ (DeepSpeed) found")
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}

@@ -1,0 +1,1 @@
+"""Training recipes; each exposes ``step(batch) -> (losses, logs)``."""
