@@ -17,7 +17,7 @@ HANDLERS: Dict[str, str] = {
     "train": "eglp_dist.train:run_cli",
     "eval": "eglp_dist.evaluate:run_cli",
     "predict": "eglp_dist.evaluate:predict_cli",
-    "score": "eglp_dist.evaluate:score_cli",
+    "score": "eglp_dist.score:score_cli",
     "pack": "eglp_dist.data.pack:run_cli",
     "synth": "eglp_dist.data.synth:run_cli",
     "convert-mit": "eglp_dist.models.convert:run_cli",
