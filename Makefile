@@ -24,7 +24,7 @@ $(VENV)/.installed: requirements/constraints.txt requirements/runtime.txt requir
 	# deepspeed ships as an sdist whose setup.py imports torch: build it against ours.
 	DS_BUILD_OPS=0 $(PIP) install $(PIP_FLAGS) -q --no-build-isolation -c requirements/constraints.txt "deepspeed==0.19.8"
 	$(PIP) install $(PIP_FLAGS) -q --no-build-isolation --no-deps -e .
-	$(PY) -m eglp_dist.compat
+	$(PY) -W ignore::RuntimeWarning -m eglp_dist.compat
 	touch $@
 
 demo: setup
