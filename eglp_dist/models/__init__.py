@@ -1,0 +1,42 @@
+"""Networks built from config by name: encoders, decode heads, HRDA wrapper, SPN.
+
+``build_segmentor(model_cfg)`` is the one entry point; see docs/models.md for the interface
+the training loop uses (``forward``/``predict``/``encode``/``forward_train``/``losses``/
+``param_groups``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from eglp_dist.models.config import HRDAConfig, HeadConfig, ModelConfig, SPNConfig, as_model_config, load_model_config
+
+
+def build_segmentor(model_cfg: Any):
+    """A ``Segmentor`` (or ``HRDASegmentor``) from a ``ModelConfig``, OmegaConf node or dict.
+
+    Construction is deterministic given ``torch.manual_seed``; pretrained encoder weights are
+    read from ``model_cfg.pretrained`` if set (never downloaded).
+    """
+    from eglp_dist.models.backbones import build_encoder
+    from eglp_dist.models.heads import build_head
+    from eglp_dist.models.hrda import HRDASegmentor
+    from eglp_dist.models.segmentor import Segmentor
+    from eglp_dist.models.spn import MultiResolutionEncoder
+
+    cfg = as_model_config(model_cfg)
+    encoder = build_encoder(cfg)
+    if cfg.spn.enabled:
+        encoder = MultiResolutionEncoder(encoder, cfg.spn)
+    head = build_head(cfg.head, encoder.channels, cfg.num_classes)
+    if not cfg.hrda.enabled:
+        return Segmentor(cfg, encoder, head)
+    attention = None
+    if cfg.hrda.fixed_attention is None:
+        outputs = cfg.num_classes if cfg.hrda.attention_classwise else 1
+        attention = build_head(cfg.head, encoder.channels, outputs, attention=True,
+                               attention_embed_dim=cfg.hrda.attention_embed_dim)
+    return HRDASegmentor(cfg, encoder, head, attention)
+
+
+__all__ = ["build_segmentor", "ModelConfig", "HeadConfig", "HRDAConfig", "SPNConfig",
+           "as_model_config", "load_model_config"]

@@ -1,0 +1,182 @@
+"""Encoder weight files: read them, recognise their key layout, convert to timm's.
+
+Two layouts of the same MiT weights exist in the wild:
+
+* **SegFormer** (``mix_transformer.py`` of SegFormer, DAFormer, HRDA, EGLP; the
+  ``pretrained/mit_b*.pth`` those repositories load): ``patch_embed1.proj``,
+  ``block1.0.attn.q``, ``block1.0.attn.kv``, ``block1.0.attn.sr``, ``block1.0.mlp.dwconv.dwconv``,
+  ``norm1`` ... plus the ImageNet classifier ``head.*``.
+* **timm** (``pvt_v2``, what our encoder is built from): ``patch_embed.proj``,
+  ``stages.0.blocks.0.attn.q``, ``stages.1.downsample.proj``, ``stages.0.norm`` ...
+
+The key mapping is timm's own ``pvt_v2.checkpoint_filter_fn`` (used, not rewritten). This
+module adds what a user needs around it: unwrapping checkpoint containers (``state_dict``,
+``model``, ``module.``/``backbone.`` prefixes of whole-segmentor checkpoints), telling the
+layouts apart, inferring the MiT variant from tensor shapes, and ``eglp convert-mit``.
+Loading (``backbones.load_encoder_weights``) accepts either layout directly; converting
+once just makes the file loadable by plain timm as well.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from eglp_dist.errors import UserError
+
+StateDict = Dict[str, torch.Tensor]
+
+# SegFormer's MiT variants: (depths, widths). All use MLP ratio 4, heads (1, 2, 5, 8) and
+# reduction ratios (8, 4, 2, 1) (SegFormer mix_transformer.py).
+MIT_VARIANTS: Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]] = {
+    "mit_b0": ((2, 2, 2, 2), (32, 64, 160, 256)),
+    "mit_b1": ((2, 2, 2, 2), (64, 128, 320, 512)),
+    "mit_b2": ((3, 4, 6, 3), (64, 128, 320, 512)),
+    "mit_b3": ((3, 4, 18, 3), (64, 128, 320, 512)),
+    "mit_b4": ((3, 8, 27, 3), (64, 128, 320, 512)),
+    "mit_b5": ((3, 6, 40, 3), (64, 128, 320, 512)),
+}
+
+# Where the encoder sits inside whole-model checkpoints: mmseg segmentors, the student of
+# DAFormer/HRDA's UDA wrapper, our Segmentor, our SPN Segmentor.
+ENCODER_PREFIXES = ("backbone.", "model.backbone.", "encoder.net.", "encoder.encoder.net.")
+
+# Top-level modules of a full timm classifier that a features-only encoder does not have.
+CLASSIFIER_MODULES = ("head", "fc", "classifier")
+
+
+def read_state_dict(path: str) -> StateDict:
+    """Load a weight file and unwrap it to a flat ``{key: tensor}`` of encoder weights.
+
+    Accepts a bare state dict, ``{"state_dict": ...}`` / ``{"model": ...}`` containers
+    (mmcv, DeepSpeed exports), ``module.`` prefixes (DDP) and whole-model checkpoints whose
+    encoder keys start with one of ``ENCODER_PREFIXES``.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such weight file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors come in many types
+        raise UserError(
+            f"{path}: cannot be read as a tensor-only checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); if the file is trusted, re-save "
+            f"its state dict with torch.save(torch.load(path, weights_only=False)['state_dict'])"
+        ) from None
+    return unwrap_state_dict(obj, path)
+
+
+def unwrap_state_dict(obj: Any, path: str = "<state dict>") -> StateDict:
+    """The encoder's ``{key: tensor}`` inside a checkpoint object (see ``read_state_dict``)."""
+    for container in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(container), dict):
+            obj = obj[container]
+            break
+    if not isinstance(obj, dict) or not obj:
+        raise UserError(f"{path}: not a state dict (found {type(obj).__name__})")
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not torch.is_tensor(v)]
+    if bad:
+        raise UserError(f"{path}: entry {bad[0]!r} is not a tensor; not a state dict")
+    sd: StateDict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+    for prefix in ENCODER_PREFIXES:
+        if any(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            break
+    return sd
+
+
+def detect_layout(sd: StateDict) -> str:
+    """``segformer`` for SegFormer/mmseg-0.x MiT keys, ``timm`` otherwise."""
+    if any(k.startswith("patch_embed1.") or re.match(r"block\d+\.", k) for k in sd):
+        return "segformer"
+    if any(k.startswith("layers.") and ".projection." in k for k in sd):
+        raise UserError("mmseg 1.x MiT layout (layers.N.0.projection...) is not supported; "
+                        "use SegFormer's original mit_b*.pth (keys patch_embed1.proj, block1.0...)")
+    return "timm"
+
+
+def to_timm_layout(sd: StateDict) -> Tuple[StateDict, Dict[str, str]]:
+    """SegFormer keys -> timm ``pvt_v2`` keys (timm's ``checkpoint_filter_fn``); timm keys pass.
+
+    Returns the converted state dict and, for error messages, each new key's name in the
+    file. The ImageNet classifier (``head.*``) is dropped: a segmentation encoder has none.
+    """
+    out: StateDict = {}
+    origins: Dict[str, str] = {}
+    segformer = detect_layout(sd) == "segformer"
+    if segformer:
+        from timm.models.pvt_v2 import checkpoint_filter_fn
+    for key, value in sd.items():
+        new = next(iter(checkpoint_filter_fn({key: value}, None))) if segformer else key
+        if new.split(".", 1)[0] in CLASSIFIER_MODULES:
+            continue
+        if new in out:
+            raise UserError(f"keys {origins[new]!r} and {key!r} both map to {new!r}")
+        out[new] = value
+        origins[new] = key
+    return out, origins
+
+
+def infer_mit_variant(sd: StateDict, path: str = "<state dict>") -> str:
+    """The ``mit_bN`` whose widths and depths match a timm-layout MiT state dict."""
+    try:
+        widths = tuple(int(sd[f"stages.{i}.norm.weight"].shape[0]) for i in range(4))
+    except KeyError as exc:
+        raise UserError(f"{path}: no MiT stage norm {exc.args[0]!r}; not MiT weights") from None
+    depths = []
+    for i in range(4):
+        blocks = {int(m.group(1)) for k in sd for m in [re.match(rf"stages\.{i}\.blocks\.(\d+)\.", k)] if m}
+        depths.append(max(blocks) + 1 if blocks else 0)
+    for name, (ref_depths, ref_widths) in MIT_VARIANTS.items():
+        if tuple(depths) == ref_depths and widths == ref_widths:
+            return name
+    raise UserError(f"{path}: widths {widths} and depths {tuple(depths)} match no MiT variant "
+                    f"({', '.join(MIT_VARIANTS)})")
+
+
+def save_atomic(obj: Any, dst: str) -> None:
+    """``torch.save`` to a temporary name in the destination folder, then rename."""
+    folder = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(dst)}.tmp-{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def convert_mit(src: str, dst: str, variant: Optional[str] = None) -> Dict[str, Any]:
+    """Convert ``src`` (either layout) to a timm-layout ``dst`` after a strict load check.
+
+    Returns a summary (variant, layout, number of tensors and parameters).
+    """
+    from eglp_dist.models.backbones import create_encoder
+
+    sd = read_state_dict(src)
+    layout = detect_layout(sd)
+    timm_sd, origins = to_timm_layout(sd)
+    inferred = infer_mit_variant(timm_sd, src)
+    name = variant or inferred
+    encoder = create_encoder(name)
+    encoder.load_timm_state_dict(timm_sd, source=src, origins=origins)  # strict
+    save_atomic(timm_sd, dst)
+    return {
+        "variant": name,
+        "inferred": inferred,
+        "layout": layout,
+        "tensors": len(timm_sd),
+        "params": sum(v.numel() for k, v in timm_sd.items() if not k.endswith("num_batches_tracked")),
+    }
+
+
+def run_cli(args) -> int:
+    """``eglp convert-mit SRC DST [--variant NAME]``."""
+    if os.path.abspath(args.src) == os.path.abspath(args.dst):
+        raise UserError(f"{args.dst}: destination must differ from the source")
+    info = convert_mit(args.src, args.dst, args.variant)
+    print(f"{args.src} ({info['layout']} layout, {info['variant']}) -> {args.dst}: "
+          f"{info['tensors']} tensors, {info['params'] / 1e6:.2f}M parameters, loads strictly")
+    return 0
