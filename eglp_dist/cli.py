@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--skip-bad", action="store_true", help="skip bad samples and list them in the manifest")
     p.add_argument("--seed", type=int, default=0, help="pack-time shuffle seed")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out folder (only once the new one is complete)")
 
     p = sub.add_parser("synth", help="write synthetic street scenes in a real dataset layout")
     p.add_argument("--dataset", required=True, help="layout to write (cityscapes, acdc, gta5, ...)")
@@ -84,11 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--style", default=None, help="day | night | fog | rain | game (default: dataset's)")
     p.add_argument("--size", type=int, nargs=2, default=None, metavar=("W", "H"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shift", type=float, default=1.0,
+                   help="strength of the night/fog/rain domain shift in [0, 1] (1 = full)")
 
     p = sub.add_parser("convert-mit", help="convert a SegFormer/mmseg mit_b*.pth to timm's pvt_v2 layout")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--variant", default=None, help="pvt_v2_b0..b5 (default: inferred from the weights)")
+    p.add_argument("--variant", default=None,
+                   help="mit_b0..mit_b5 (SegFormer MiT = timm pvt_v2 with MLP ratio 4; default: inferred "
+                        "from the weights)")
 
     p = sub.add_parser("bench", help="benchmarks: loader | step | engine")
     p.add_argument("what", choices=["loader", "step", "engine"])

@@ -1,0 +1,123 @@
+"""Config of the data engine: backend, one block per stream, sampling, threads, seed.
+
+Names follow MMSegmentation/HRDA so their users read them at a glance: ``img_scale`` is
+(long, short) edge as in ``Resize(img_scale=(2048, 1024))`` (W x H for landscape images),
+``ratio_range`` as in ``Resize(ratio_range=(0.5, 2.0))``, ``crop_size`` is (H, W) as in
+``RandomCrop(crop_size=(512, 512), cat_max_ratio=0.75)``, ``flip_prob`` as in
+``RandomFlip(prob=0.5)``, ``mean``/``std`` as in ``img_norm_cfg`` (RGB, 0..255), and the
+rare-class-sampling keys as in DAFormer's ``rare_class_sampling`` dict. Only OmegaConf
+structured-config types are used (str/int/float/bool/Optional/List/nested dataclasses); choices
+and bounds use ``config_fields`` so ``load_config`` rejects bad values naming the key, and
+``check_data_config`` checks what relates several keys when a loader is built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from eglp_dist.config_fields import choice, non_negative, positive
+from eglp_dist.errors import ConfigError
+
+
+BACKENDS = ("dali", "wds")  # DALI decode/resize/normalise | PIL + numpy threads (+ webdataset)
+SAMPLING = ("uniform", "rcs", "class_uniform")
+DECODE_DEVICES = ("auto", "cpu", "mixed")  # auto: 'mixed' (nvJPEG) when CUDA is in use, else cpu
+
+
+@dataclass
+class SamplingConfig:
+    # uniform: every sample once per epoch (a global permutation), disjoint across ranks;
+    # rcs: DAFormer rare class sampling; class_uniform: RobustNet/SPN class-uniform crops
+    mode: str = choice("uniform", SAMPLING)
+    rcs_temperature: float = positive(0.01)  # DAFormer: P(c) = softmax((1 - f_c) / T)
+    rcs_min_pixels: int = non_negative(3000)  # images with > this many pixels of c qualify
+    rcs_min_crop_ratio: float = non_negative(0.5)  # re-crop (<= 10x) until > ratio * min_pixels
+    class_uniform_pct: float = non_negative(0.5)  # share of class-uniform crops (RobustNet)
+
+
+@dataclass
+class StreamConfig:
+    """One stream (source, target, prompt, val, test): where its shards are and its pipeline."""
+
+    shards: str = ""  # an `eglp pack --out` folder (holds manifest.json); "" = stream unused
+    batch_size: int = positive(2)
+    img_scale: Optional[List[int]] = field(default_factory=lambda: [2048, 1024])  # (long, short)
+    ratio_range: Optional[List[float]] = None  # e.g. [0.5, 2.0]; None = resize to img_scale
+    crop_size: Optional[List[int]] = field(default_factory=lambda: [512, 512])  # (H, W); None = no crop
+    cat_max_ratio: float = positive(0.75)  # 1.0 disables; a crop's largest class stays below
+    flip_prob: float = non_negative(0.5)
+    with_labels: bool = True  # False for the unlabelled target (labels are never read)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+def _eval_stream() -> StreamConfig:
+    return StreamConfig(batch_size=1, crop_size=None, cat_max_ratio=1.0, flip_prob=0.0)
+
+
+@dataclass
+class DataConfig:
+    backend: str = choice("wds", BACKENDS)
+    source: StreamConfig = field(default_factory=StreamConfig)
+    target: StreamConfig = field(default_factory=lambda: StreamConfig(with_labels=False))
+    prompt: StreamConfig = field(default_factory=StreamConfig)
+    val: StreamConfig = field(default_factory=_eval_stream)
+    test: StreamConfig = field(default_factory=lambda: StreamConfig(
+        batch_size=1, crop_size=None, cat_max_ratio=1.0, flip_prob=0.0, with_labels=False))
+    num_threads: int = positive(4)  # decode/augment threads per rank (DALI or thread pool)
+    prefetch: int = positive(2)  # batches prepared ahead of the one being consumed
+    decode_device: str = choice("auto", DECODE_DEVICES)  # where DALI decodes images
+    seed: int = 0  # used when the caller passes no seed
+    mean: List[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
+    std: List[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
+
+
+STREAMS = ("source", "target", "prompt", "val", "test")
+
+
+def check_stream(cfg, key: str) -> None:
+    """Validate one stream block; ConfigError names the dotted key (e.g. data.source.crop_size)."""
+    def bad(name, why):
+        raise ConfigError(f"{key}.{name}: {why}")
+
+    if cfg.batch_size < 1:
+        bad("batch_size", f"must be >= 1, got {cfg.batch_size}")
+    if cfg.img_scale is not None and (len(cfg.img_scale) != 2 or min(cfg.img_scale) < 1):
+        bad("img_scale", f"must be [long, short] positive, got {list(cfg.img_scale)}")
+    if cfg.ratio_range is not None and (len(cfg.ratio_range) != 2 or not
+                                        0 < cfg.ratio_range[0] <= cfg.ratio_range[1]):
+        bad("ratio_range", f"must be [lo, hi] with 0 < lo <= hi, got {list(cfg.ratio_range)}")
+    if cfg.ratio_range is not None and cfg.img_scale is None:
+        bad("ratio_range", "needs img_scale")
+    if cfg.crop_size is not None and (len(cfg.crop_size) != 2 or min(cfg.crop_size) < 1):
+        bad("crop_size", f"must be [H, W] positive, got {list(cfg.crop_size)}")
+    if not 0.0 < cfg.cat_max_ratio <= 1.0:
+        bad("cat_max_ratio", f"must be in (0, 1], got {cfg.cat_max_ratio}")
+    if not 0.0 <= cfg.flip_prob <= 1.0:
+        bad("flip_prob", f"must be in [0, 1], got {cfg.flip_prob}")
+    s = cfg.sampling
+    mode = s.mode
+    if mode not in SAMPLING:
+        bad("sampling.mode", f"must be one of {list(SAMPLING)}, got {mode!r}")
+    if mode != "uniform" and not cfg.with_labels:
+        bad("sampling.mode", f"{mode} needs labels but with_labels is false")
+    if s.rcs_temperature <= 0:
+        bad("sampling.rcs_temperature", f"must be > 0, got {s.rcs_temperature}")
+    if not 0.0 <= s.class_uniform_pct <= 1.0:
+        bad("sampling.class_uniform_pct", f"must be in [0, 1], got {s.class_uniform_pct}")
+
+
+def check_data_config(cfg, key: str = "data") -> None:
+    """Validate the whole data block (the streams that are used)."""
+    if cfg.backend not in BACKENDS:
+        raise ConfigError(f"{key}.backend: must be dali or wds, got {cfg.backend!r}")
+    if cfg.decode_device not in DECODE_DEVICES:
+        raise ConfigError(f"{key}.decode_device: must be one of {list(DECODE_DEVICES)}, "
+                          f"got {cfg.decode_device!r}")
+    if cfg.num_threads < 1:
+        raise ConfigError(f"{key}.num_threads: must be >= 1, got {cfg.num_threads}")
+    if cfg.prefetch < 1:
+        raise ConfigError(f"{key}.prefetch: must be >= 1, got {cfg.prefetch}")
+    if len(cfg.mean) != 3 or len(cfg.std) != 3 or min(cfg.std) <= 0:
+        raise ConfigError(f"{key}.mean/std: need 3 values each, std > 0")
+    for name in STREAMS:
+        check_stream(getattr(cfg, name), f"{key}.{name}")

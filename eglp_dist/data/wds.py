@@ -1,0 +1,105 @@
+"""The CPU backend: PIL decoding and resampling in threads; evaluation streamed with the
+webdataset library.
+
+Training samples come from ``loader.SampleSource`` (sampler + random access by .idx offset),
+so this module only turns a planned sample into pixels: decode, resample the planned box to
+the crop size (``Image.resize(box=...)``), mirror, then normalise and pad on the target
+device. PIL releases the GIL while decoding and resampling, so a thread pool scales across
+cores without worker processes.
+
+Evaluation streams this rank's contiguous part of the split through
+``webdataset.WebDataset`` (sequential tar reads; splitting is ours, by sample, so it equals
+DALI's ``shard_id=rank`` split and needs no node splitter).
+"""
+from __future__ import annotations
+
+import json
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from eglp_dist.data.augment import eval_geometry
+from eglp_dist.data.codecs import BadSample, decode_seg, load_rgb
+from eglp_dist.data.loader import Prefetcher, SampleSource, batch_hw, collate_segs, normalise_into
+from eglp_dist.data.shards import SEG_EXT, image_ext
+from eglp_dist.errors import DataError
+
+
+def resample(image: bytes, box, out_hw, flip: bool, name: str = "image") -> np.ndarray:
+    """Decode and resample ``box`` of an encoded image to ``out_hw`` (bilinear, antialiased
+    when shrinking), mirrored if ``flip`` -> uint8 [h, w, 3]."""
+    try:
+        im = load_rgb(image, name)
+    except BadSample as exc:
+        raise DataError(str(exc)) from None
+    h, w = out_hw
+    if (w, h) != im.size or tuple(box) != (0.0, 0.0, float(im.size[0]), float(im.size[1])):
+        im = im.resize((w, h), Image.BILINEAR, box=tuple(box))
+    if flip:
+        im = im.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.array(im)  # writable copy (torch.from_numpy refuses read-only buffers)
+
+
+class PilTrainProducer:
+    """Batches of a TrainStream from a thread pool (``data.num_threads``)."""
+
+    def __init__(self, source: SampleSource, data_cfg, start: int, device: torch.device):
+        self.source, self.device = source, device
+        self.mean, self.std = list(data_cfg.mean), list(data_cfg.std)
+        self.prefetch = Prefetcher(self._sample, source.batch_size, start, data_cfg.prefetch,
+                                   data_cfg.num_threads)
+
+    def _sample(self, step: int, slot: int):
+        p = self.source.plan(step, slot)
+        return resample(p.image, p.geom.box, p.geom.out_hw, p.geom.flip, p.meta["key"]), p
+
+    def get(self, step: int) -> dict:
+        results = self.prefetch.get(step)
+        plans = [p for _, p in results]
+        hw = batch_hw([p.geom for p in plans])
+        img = torch.zeros((len(plans), 3) + hw, dtype=torch.float32, device=self.device)
+        batch = {"img": normalise_into(img, [a for a, _ in results], self.mean, self.std),
+                 "meta": [p.meta for p in plans]}
+        if self.source.with_labels:
+            batch["seg"] = collate_segs([p.seg for p in plans], hw, self.device)
+        return batch
+
+    def close(self) -> None:
+        self.prefetch.close()
+
+
+def iter_eval_wds(loader) -> Iterator[dict]:
+    """This rank's evaluation samples, streamed with the webdataset library."""
+    import webdataset as wds
+
+    m = loader.manifest
+    lo, hi = loader.indices.start, loader.indices.stop
+    starts = m.shard_starts
+    sizes = [s["num_samples"] for s in m.data["shards"]]
+    used = [i for i in range(len(starts)) if starts[i] < hi and starts[i] + sizes[i] > lo]
+    urls = [str(m.shard_paths[i]) for i in used]
+    ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None,
+                        empty_check=False)
+    index = starts[used[0]]
+    mean, std = list(loader.data_cfg.mean), list(loader.data_cfg.std)
+    for sample in ds:
+        if index >= hi:
+            break
+        if index >= lo:
+            meta = json.loads(sample["json"])
+            if meta["key"] != sample["__key__"]:
+                raise DataError(f"{sample['__url__']}: sample {sample['__key__']} has meta of "
+                                f"{meta['key']}")
+            w, h = meta["size"]
+            geom = eval_geometry((h, w), loader.img_scale)
+            arr = resample(sample[image_ext(sample)], geom.box, geom.out_hw, False, meta["key"])
+            img = torch.zeros((1, 3) + tuple(geom.out_hw), dtype=torch.float32, device=loader.device)
+            batch = {"img": normalise_into(img, [arr], mean, std),
+                     "meta": [loader.meta(index, meta, geom.out_hw)]}
+            if loader.with_labels:
+                seg = decode_seg(sample[SEG_EXT], f"{meta['key']}.{SEG_EXT}")
+                batch["seg"] = torch.from_numpy(seg.copy()).to(loader.device).long()[None]
+            yield batch
+        index += 1
