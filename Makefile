@@ -30,14 +30,18 @@ $(VENV)/.installed: requirements/constraints.txt requirements/runtime.txt requir
 demo: setup
 	$(PY) -m eglp_dist demo
 
+# .venv/bin first on PATH: DeepSpeed JIT-builds a small CPU op with the venv's ninja.
+RUN := PATH=$(abspath $(VENV))/bin:$$PATH
+
 test: setup
-	$(PY) -m pytest -q
+	$(RUN) $(PY) -m pytest -q
 
 test-all: setup
-	$(PY) -m pytest -q -m "slow or not slow"
+	$(RUN) $(PY) -m pytest -q -m "slow or not slow"
 
 bench: setup
-	$(PY) tools/bench_engine.py
+	$(RUN) $(PY) tools/bench_engine.py --ranks 2
+	$(RUN) $(PY) tools/bench_loader.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
