@@ -206,7 +206,8 @@ def check_keys(schema: DictConfig, update: Any, origin: str, prefix: str = "") -
             check_keys(sub, update._get_node(key), origin, full + ".")
 
 
-def _merge(schema: DictConfig, update: DictConfig, origin: str) -> DictConfig:
+def merge_checked(schema: DictConfig, update: DictConfig, origin: str) -> DictConfig:
+    """Merge `update` onto a structured config, rejecting unknown keys and bad values by name."""
     check_keys(schema, update, origin)
     try:
         return OmegaConf.merge(schema, update)
@@ -261,9 +262,9 @@ def load_config(path: os.PathLike | str, overrides: Sequence[str] = ()) -> DictC
     path = Path(path)
     root = config_root_for(path)
     schema = OmegaConf.structured(Config)
-    cfg = _merge(schema, compose_file(path, root), str(path))
+    cfg = merge_checked(schema, compose_file(path, root), str(path))
     for origin, part in parse_overrides(overrides, root, schema):
-        cfg = _merge(cfg, part, origin)
+        cfg = merge_checked(cfg, part, origin)
     _check_field_rules(cfg, Config)
     missing = OmegaConf.missing_keys(cfg)
     if missing:

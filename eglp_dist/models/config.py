@@ -138,21 +138,16 @@ def as_model_config(cfg: Any) -> ModelConfig:
     Unknown keys and wrongly typed values raise ``ConfigError`` naming ``model.KEY``.
     """
     from omegaconf import DictConfig, OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
-    from eglp_dist.errors import ConfigError
+    from eglp_dist.config import Config, merge_checked
 
     if isinstance(cfg, ModelConfig):
         out = cfg
     else:
-        try:
-            if isinstance(cfg, DictConfig):
-                cfg = OmegaConf.to_container(cfg, resolve=True)
-            merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg or {})
-            out = OmegaConf.to_object(merged)
-        except OmegaConfBaseException as exc:
-            key = getattr(exc, "full_key", None) or "?"
-            raise ConfigError(f"model.{key}: {exc.msg if hasattr(exc, 'msg') else exc}") from None
+        if isinstance(cfg, DictConfig):
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+        node = merge_checked(OmegaConf.structured(Config), OmegaConf.create({"model": cfg or {}}), "")
+        out = OmegaConf.to_object(node.model)
     validate(out)
     return out
 
@@ -163,27 +158,26 @@ def load_model_config(name_or_path: str, overrides: Optional[Dict[str, Any]] = N
     ``overrides`` are dotted keys relative to the model node, e.g. ``{"hrda.enabled": False}``.
     Used by tests and tools; runs get the model node from the run config.
     """
-    import os
+    # Same composition and key checks as a run config's `model` node (config.py), so a model
+    # file may use `defaults:` and an unknown key is named with its closest valid one.
+    from pathlib import Path
 
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
+    from eglp_dist.config import PACKAGE_CONFIG_ROOT, Config, compose_file, merge_checked
     from eglp_dist.errors import ConfigError
 
-    path = name_or_path
-    if not os.path.isfile(path):
-        root = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "model")
-        path = os.path.normpath(os.path.join(root, f"{name_or_path}.yaml"))
-    if not os.path.isfile(path):
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = PACKAGE_CONFIG_ROOT / "model" / f"{name_or_path}.yaml"
+    if not path.is_file():
         raise ConfigError(f"model config {name_or_path!r}: no such file ({path})")
-    try:
-        node = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path))
-        for key, value in (overrides or {}).items():
-            OmegaConf.update(node, key, value, merge=False)
-        cfg = OmegaConf.to_object(node)
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or "?"
-        raise ConfigError(f"{path}: model.{key}: {getattr(exc, 'msg', exc)}") from None
+    node = merge_checked(OmegaConf.structured(Config), OmegaConf.create({"model": compose_file(path)}), str(path))
+    for key, value in (overrides or {}).items():
+        part = OmegaConf.create({})
+        OmegaConf.update(part, f"model.{key}", value, merge=False)
+        node = merge_checked(node, part, f"override {key}={value!r}")
+    cfg = OmegaConf.to_object(node.model)
     validate(cfg)
     return cfg
 
