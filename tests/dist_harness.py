@@ -49,7 +49,7 @@ def _entry(rank: int, fn: Callable, world: int, port: int, args: Sequence[Any], 
     import torch
 
     torch.set_num_threads(1)
-    from eglp_dist.dist.env import detect_env, init_distributed, shutdown
+    from eglp_dist.dist.env import detect_env, exit_without_finalizers, init_distributed, shutdown
 
     env = detect_env(local_rank_arg=rank if style == "deepspeed" else None)
     init_distributed(env, backend="gloo", timeout_s=120)
@@ -62,6 +62,7 @@ def _entry(rank: int, fn: Callable, world: int, port: int, args: Sequence[Any], 
         shutdown()
     with open(Path(out_dir) / f"rank{rank}.pkl", "wb") as f:
         pickle.dump(payload, f)
+    exit_without_finalizers(0)
 
 
 def slurm_port() -> int:
