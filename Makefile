@@ -28,7 +28,7 @@ $(VENV)/.installed: requirements/constraints.txt requirements/runtime.txt requir
 	touch $@
 
 demo: setup
-	$(PY) -m eglp_dist demo
+	$(RUN) $(PY) -m eglp_dist demo
 
 # .venv/bin first on PATH: DeepSpeed JIT-builds a small CPU op with the venv's ninja.
 RUN := PATH=$(abspath $(VENV))/bin:$$PATH
@@ -42,6 +42,7 @@ test-all: setup
 bench: setup
 	$(RUN) $(PY) tools/bench_engine.py --ranks 2
 	$(RUN) $(PY) tools/bench_loader.py
+	$(RUN) $(PY) tools/bench_step.py --ranks 2
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

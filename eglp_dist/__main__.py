@@ -1,3 +1,3 @@
-from eglp_dist.cli import main
+from eglp_dist.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -134,3 +134,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UserError as exc:
         print(f"eglp {args.command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+# Commands that may hold DeepSpeed and DDP engines in one process; they end without
+# interpreter finalisation (see eglp_dist.dist.env.exit_without_finalizers).
+EXIT_WITHOUT_FINALIZERS = {"train"}
+
+
+def entry() -> None:
+    """The ``eglp`` console script and ``python -m eglp_dist``."""
+    argv = sys.argv[1:]
+    code = main(argv)
+    if argv and argv[0] in EXIT_WITHOUT_FINALIZERS:
+        from eglp_dist.dist.env import exit_without_finalizers
+
+        exit_without_finalizers(code)
+    raise SystemExit(code)

@@ -2,10 +2,19 @@
 
 Files are matched by sample key: the file stem without the dataset's suffix
 (``_leftImg8bit``, ``_gtFine_labelTrainIds``, ``_rgb_anon``, ``_gt_labelIds``, ...), so a
-Cityscapes/ACDC prediction ``X_leftImg8bit.png`` meets its label ``X_gtFine_labelIds.png``.
+Cityscapes/ACDC prediction ``X_leftImg8bit.png`` meets its label ``X_gtFine_labelIds.png``;
+a Cityscapes-style name (``city_123456_123456_...``) is matched on ``city_123456_123456``
+alone, as cityscapesScripts does, so Foggy/Rain Cityscapes names match too. Companion files
+of the label folders (``*_color``, ``*_labelColor``, ``*_instanceIds``, ``*_invIds``, ...) and
+Dark Zurich's ``confidence/`` and ``labelTrainIds_invalid/`` submission folders are skipped.
+
 Each side is read as trainIds or Cityscapes labelIds: from the file name where it says so
-(``labelTrainIds`` / ``labelIds``), else from the values (any value in 19..254 means labelIds).
-Missing files and size mismatches are listed, not fatal; the score covers the matched pairs.
+(``labelTrainIds`` / ``labelIds``), else from the values (any value in 19..254 means
+labelIds). A file whose name says nothing and whose values are all below 19 (or 255) fits
+both; it is read the way most of its folder's decided files are (trainIds if none is), so
+a labelId prediction that happens to hold only road/sidewalk/building... is not misread.
+Missing files, size mismatches and unreadable files are listed, not fatal; the score covers
+the matched pairs.
 """
 from __future__ import annotations
 
@@ -14,7 +23,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
@@ -25,9 +34,22 @@ from eglp_dist.metrics import confusion_matrix, format_table, metrics_from_confu
 
 _SUFFIX = re.compile(r"(_leftImg8bit|_rgb_anon|_rgb|_gtFine|_gtCoarse|_gt|_labelTrainIds|_labelIds|"
                      r"_trainIds|_train_id|_color|_pred)+$")
+# cityscapesScripts' key: <city>_<sequence:6>_<frame:6> at the start of any of its file names.
+_CITYSCAPES_KEY = re.compile(r"^([^_]+_\d{6}_\d{6})(?:_|$)")
+# Files beside the id images in the published label folders: colour renderings, instance
+# ids, ACDC/Dark Zurich invalid masks, polygons.
+_COMPANION = re.compile(r"(_color|_labelColor|_instanceIds|_invIds|_invGray|_polygons|_panoptic)$",
+                        re.IGNORECASE)
+# Dark Zurich submission folders that are not the labels themselves.
+_SKIP_DIRS = ("confidence", "labelTrainIds_invalid")
+
+TRAIN, LABEL = "train", "label"
 
 
 def sample_key(path: Path) -> str:
+    m = _CITYSCAPES_KEY.match(path.stem)
+    if m:
+        return m.group(1)
     return _SUFFIX.sub("", path.stem)
 
 
@@ -36,13 +58,15 @@ def _index(folder: Path) -> Dict[str, Path]:
         raise DataError(f"{folder}: not a folder")
     found: Dict[str, Path] = {}
     for p in sorted(folder.rglob("*.png")):
-        if "color" in p.stem.lower() and "labelIds" not in p.stem:
-            continue  # Cityscapes ships *_color.png beside the id images
+        if _COMPANION.search(p.stem) or p.name.startswith("."):
+            continue  # *_color.png etc. beside the id images; hidden temporaries
+        if any(part in _SKIP_DIRS for part in p.relative_to(folder).parts[:-1]):
+            continue
         found.setdefault(sample_key(p), p)
     return found
 
 
-def read_train_ids(path: Path) -> np.ndarray:
+def _read_ids(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             arr = np.asarray(im)
@@ -50,29 +74,82 @@ def read_train_ids(path: Path) -> np.ndarray:
         raise DataError(f"{path}: cannot read image: {exc}") from exc
     if arr.ndim != 2:
         raise DataError(f"{path}: expected a single-channel id image, got shape {arr.shape}")
-    arr = arr.astype(np.int64)
+    return arr.astype(np.int64)
+
+
+def _encoding(path: Path, arr: np.ndarray) -> Optional[str]:
+    """TRAIN or LABEL where the name or the values decide, None where both fit."""
     name = path.stem
-    is_label_ids = "labelIds" in name or (
-        "labelTrainIds" not in name and bool(((arr >= NUM_CLASSES) & (arr != IGNORE_INDEX)).any()))
-    return CITYSCAPES_ID_TO_TRAIN[arr] if is_label_ids else arr
+    if "labelIds" in name:
+        return LABEL
+    if "labelTrainIds" in name or "trainIds" in name or "train_id" in name:
+        return TRAIN
+    if bool(((arr >= NUM_CLASSES) & (arr != IGNORE_INDEX)).any()):
+        return LABEL
+    return None
+
+
+def _to_train(arr: np.ndarray, encoding: str) -> np.ndarray:
+    return CITYSCAPES_ID_TO_TRAIN[np.clip(arr, 0, 255)] if encoding == LABEL else arr
+
+
+def read_train_ids(path: Path) -> np.ndarray:
+    """One id image as trainIds, its encoding decided from this file alone (name, values)."""
+    arr = _read_ids(path)
+    return _to_train(arr, _encoding(path, arr) or TRAIN)
 
 
 def score_folders(pred_dir: Path, gt_dir: Path) -> Tuple[np.ndarray, Dict[str, List[str]]]:
-    preds, gts = _index(pred_dir), _index(gt_dir)
-    problems: Dict[str, List[str]] = {"missing_prediction": [], "unmatched_prediction": [], "size_mismatch": []}
-    matrix = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    """(19x19 confusion matrix over the matched pairs, {problem kind: [descriptions]})."""
     import torch
+
+    preds, gts = _index(Path(pred_dir)), _index(Path(gt_dir))
+    problems: Dict[str, List[str]] = {"missing_prediction": [], "unmatched_prediction": [],
+                                      "size_mismatch": [], "unreadable": []}
+    # One matrix per (prediction encoding, label encoding); "?x" = a file that fits both,
+    # read as x; folder-wide choice for those at the end.
+    sums: Dict[Tuple[str, str], np.ndarray] = {}
+    decided = {"pred": {TRAIN: 0, LABEL: 0}, "gt": {TRAIN: 0, LABEL: 0}}
+
+    def options(side: str, path: Path, arr: np.ndarray) -> List[str]:
+        enc = _encoding(path, arr)
+        if enc is not None:
+            decided[side][enc] += 1
+            return [enc]
+        return ["?" + TRAIN, "?" + LABEL]
 
     for key, gt_path in gts.items():
         if key not in preds:
             problems["missing_prediction"].append(str(gt_path))
             continue
-        pred, gt = read_train_ids(preds[key]), read_train_ids(gt_path)
+        try:
+            pred, gt = _read_ids(preds[key]), _read_ids(gt_path)
+        except DataError as exc:
+            problems["unreadable"].append(str(exc))
+            continue
         if pred.shape != gt.shape:
             problems["size_mismatch"].append(f"{preds[key]}: {pred.shape[::-1]} vs {gt_path}: {gt.shape[::-1]}")
             continue
-        matrix += confusion_matrix(torch.from_numpy(pred), torch.from_numpy(gt)).numpy()
+        gt_options = options("gt", gt_path, gt)
+        for pe in options("pred", preds[key], pred):
+            p = torch.from_numpy(_to_train(pred, pe.lstrip("?")))
+            for ge in gt_options:
+                g = torch.from_numpy(_to_train(gt, ge.lstrip("?")))
+                m = confusion_matrix(p, g).numpy()
+                sums[(pe, ge)] = sums[(pe, ge)] + m if (pe, ge) in sums else m
     problems["unmatched_prediction"] = [str(p) for k, p in preds.items() if k not in gts]
+
+    def folder_choice(side: str) -> str:
+        return LABEL if decided[side][LABEL] > decided[side][TRAIN] else TRAIN
+
+    wanted = {"pred": folder_choice("pred"), "gt": folder_choice("gt")}
+    matrix = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    for (pe, ge), m in sums.items():
+        if pe.lstrip("?") != pe and pe != "?" + wanted["pred"]:
+            continue
+        if ge.lstrip("?") != ge and ge != "?" + wanted["gt"]:
+            continue
+        matrix += m
     return matrix, problems
 
 
@@ -91,7 +168,8 @@ def score_cli(args: argparse.Namespace) -> int:
     print(format_table(metrics))
     if args.json:
         out = dict(metrics.as_dict(), **{k: v for k, v in problems.items()})
-        tmp = Path(args.json).with_suffix(".json.tmp")
+        path = Path(args.json)
+        tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(out, indent=2))
-        tmp.replace(args.json)
+        tmp.replace(path)
     return 0

@@ -1,14 +1,145 @@
-"""The training loop. Its body arrives with the training-engine issue; until then `eglp train`
-validates the config (so errors surface now) and says plainly that it cannot train yet."""
+"""The training loop: iteration based, one method step per iteration, every rank alike.
+
+    streams -> method.step(batches, it) -> monitor  [-> evaluate] [-> checkpoint]
+
+Everything a step depends on is either rebuilt identically from the config (models, the
+frozen ImageNet copy) or lives in a checkpoint (engines with optimiser and lr schedule,
+EMA teachers, data-stream positions, the method's generator and each rank's RNG streams),
+so ``trainer.resume=auto`` continues exactly where the last complete checkpoint stopped.
+"""
 from __future__ import annotations
 
 import argparse
-import sys
+import json
+import random
+from pathlib import Path
+from typing import Any, Dict, Optional
 
-from eglp_dist.config import load_config
+import numpy as np
+import torch
+
+from eglp_dist.config import load_config, save_resolved, to_plain
+from eglp_dist.data.loader import build_eval_loader, build_train_stream
+from eglp_dist.dist import comm
+from eglp_dist.dist.checkpoint import find_latest, load_checkpoint, resolve_checkpoint, save_checkpoint
+from eglp_dist.dist.engine import autocast_dtype
+from eglp_dist.dist.env import detect_env, init_distributed, shutdown
+from eglp_dist.errors import ConfigError
+from eglp_dist.methods import build_method
+from eglp_dist.methods.base import method_seed
+from eglp_dist.metrics import format_table
+from eglp_dist.monitor import Monitor
+
+
+def run_dir_of(cfg) -> Path:
+    return Path(cfg.run.out_dir) / cfg.run.name
+
+
+def checkpoint_to_resume(cfg, ckpt_root: Path) -> Optional[Path]:
+    resume = cfg.trainer.resume
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return find_latest(ckpt_root)
+    try:
+        return resolve_checkpoint(resume)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"trainer.resume: {exc}") from exc
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """Per-rank streams for what the method does not draw itself (dropout, drop-path)."""
+    s = method_seed(seed, rank) + 1
+    torch.manual_seed(s)
+    np.random.seed(s % 2**32)
+    random.seed(s)
+
+
+def should(it: int, interval: int, max_iters: int) -> bool:
+    """After ``it`` iterations: every ``interval`` and at the end."""
+    return it % interval == 0 or it == max_iters
+
+
+def train(cfg, local_rank: Optional[int] = None) -> Dict[str, Any]:
+    """Train ``cfg`` on this process's rank; returns the last evaluation (``as_dict``) or {}.
+    Initialises the process group if none exists and leaves it for the caller to shut down."""
+    env = detect_env(local_rank_arg=local_rank)
+    device = init_distributed(env, cfg.dist.backend, cfg.dist.timeout_s)
+    t = cfg.trainer
+    run_dir = run_dir_of(cfg)
+    ckpt_root = run_dir / "checkpoints"
+    if env.is_main:
+        save_resolved(cfg, run_dir / "config.yaml")
+    comm.barrier()
+
+    method = build_method(cfg, env, device)
+    streams = {name: build_train_stream(getattr(cfg.data, name), cfg.data, env.rank, env.world_size,
+                                        seed=cfg.run.seed, device=device, name=name)
+               for name in method.streams}
+    val_loader = None
+    if cfg.data.val.shards:
+        val_loader = build_eval_loader(cfg.data.val, cfg.data, env.rank, env.world_size, device, name="val")
+    seed_rank(cfg.run.seed, env.rank)
+
+    start = 0
+    resume_from = checkpoint_to_resume(cfg, ckpt_root)
+    if resume_from is not None:
+        state, rank_state = load_checkpoint(resume_from, method.engines, method.modules)
+        start = int(state["step"])
+        for name, stream in streams.items():
+            stream.load_state_dict(rank_state["streams"][name])
+        method.load_state_dict(rank_state["method"])
+
+    images_per_iter = sum(s.batch_size for s in streams.values())
+    monitor = Monitor(run_dir, env.is_main, start, t.max_iters, images_per_iter)
+    if resume_from is not None:
+        monitor.write(f"resumed from {resume_from} at iteration {start}")
+    last_eval: Dict[str, Any] = {}
+    for engine in method.engines.values():
+        engine.train()
+    for it in range(start + 1, t.max_iters + 1):  # `it` iterations done after this one
+        batches = {name: next(stream) for name, stream in streams.items()}
+        monitor.accumulate(method.step(batches, it - 1))
+        if should(it, t.log_interval, t.max_iters):
+            monitor.flush(it, {f"lr/{k}": v for k, v in method.lrs().items()})
+        if it % t.image_interval == 0:
+            monitor.images(it, method.visuals(), cfg.data.mean, cfg.data.std)
+        if val_loader is not None and should(it, t.eval_interval, t.max_iters):
+            last_eval = run_evaluation(method, val_loader, cfg, device, monitor, run_dir, it)
+        if should(it, t.ckpt_interval, t.max_iters):
+            save_checkpoint(ckpt_root, it, method.engines, method.modules,
+                            {"method": cfg.method.name, "config": to_plain(cfg)},
+                            {"streams": {n: s.state_dict() for n, s in streams.items()},
+                             "method": method.state_dict()},
+                            keep_last=t.keep_last)
+    for stream in streams.values():
+        stream.close()
+    monitor.close()
+    return last_eval
+
+
+def run_evaluation(method, loader, cfg, device, monitor: Monitor, run_dir: Path, it: int) -> Dict[str, Any]:
+    from eglp_dist.evaluate import evaluate
+
+    model = method.eval_model()
+    metrics = evaluate(model, loader, device, cfg.model.num_classes,
+                       autocast_dtype=autocast_dtype(cfg.engine.precision, device))
+    result = dict(metrics.as_dict(), iter=it)
+    monitor.evaluation(it, metrics)
+    if comm.rank() == 0:
+        with open(run_dir / "eval.jsonl", "a") as f:
+            f.write(json.dumps(result) + "\n")
+        if it == cfg.trainer.max_iters:
+            monitor.write(format_table(metrics))
+    for engine in method.engines.values():
+        engine.train()
+    return result
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    load_config(args.config, args.overrides)
-    print("eglp train: config is valid, but the training loop is not implemented yet", file=sys.stderr)
-    return 3
+    cfg = load_config(args.config, args.overrides)
+    try:
+        train(cfg, local_rank=args.local_rank)
+    finally:
+        shutdown()
+    return 0

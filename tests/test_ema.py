@@ -13,7 +13,7 @@ def test_alpha_schedule_is_daformers(step, expected):
 def test_update_is_the_ema_formula_on_parameters_only():
     student = make_tiny(0)
     teacher = EMATeacher(student, alpha=0.999)
-    assert not teacher.module.training and not any(p.requires_grad for p in teacher.module.parameters())
+    assert not any(p.requires_grad for p in teacher.module.parameters())
     before = {k: v.clone() for k, v in teacher.module.state_dict().items()}
     with torch.no_grad():
         for p in student.parameters():
@@ -31,3 +31,16 @@ def test_step_zero_copies_the_student():
     teacher.update(student, step=0)
     for (_, a), (_, b) in zip(teacher.module.named_parameters(), student.named_parameters()):
         assert torch.equal(a, b)
+
+
+def test_teacher_mode_switches_off_dropout_and_drop_path_only():
+    from timm.layers import DropPath
+
+    student = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.Dropout(0.5),
+                                  DropPath(0.5))
+    teacher = EMATeacher(student)
+    teacher.module.eval()  # whatever happened in between
+    conv, bn, drop, drop_path = teacher.pseudo_label_mode()
+    assert bn.training and not drop.training and not drop_path.training
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(teacher.module(x), teacher.module(x))  # no stochastic layer active

@@ -1,7 +1,8 @@
 """EMA teacher (mean teacher of DACS/DAFormer/HRDA).
 
 The teacher is a plain module beside the engines, never wrapped: it gets no gradients and
-needs no communication. It tracks the *unwrapped* student (``engine.model``), whose
+needs no communication. Its batch norms run in training mode as in DAFormer (only dropout
+and drop-path are switched off). It tracks the *unwrapped* student (``engine.model``), whose
 parameters are full and identical on every rank under DDP and under ZeRO-1/2 (those stages
 partition optimizer state and gradients, not parameters), so every rank's teacher is the same.
 
@@ -17,6 +18,8 @@ from typing import Dict
 import torch
 import torch.nn as nn
 
+_STOCHASTIC = (nn.modules.dropout._DropoutNd,)
+
 
 def ema_alpha(step: int, alpha_max: float) -> float:
     return min(1.0 - 1.0 / (step + 1), alpha_max)
@@ -27,7 +30,17 @@ class EMATeacher:
         self.alpha = alpha
         self.module = copy.deepcopy(student)
         self.module.requires_grad_(False)
-        self.module.eval()  # dropout / drop-path off for pseudo-labels
+        self.pseudo_label_mode()
+
+    def pseudo_label_mode(self) -> nn.Module:
+        """DAFormer's teacher mode: dropout and drop-path off, every other module (batch
+        norm) in training mode, as ``dacs.py`` sets it before each pseudo-label forward.
+        Called before every use, so a ``train()``/``eval()`` elsewhere cannot leave it wrong."""
+        self.module.train()
+        for m in self.module.modules():
+            if isinstance(m, _STOCHASTIC) or type(m).__name__ == "DropPath":
+                m.eval()
+        return self.module
 
     @torch.no_grad()
     def update(self, student: nn.Module, step: int) -> float:

@@ -1,1 +1,24 @@
-"""Training recipes; each exposes ``step(batch) -> (losses, logs)``."""
+"""Training recipes (``method.name``): each a ``Method`` the loop drives one step at a time."""
+from __future__ import annotations
+
+import importlib
+
+from eglp_dist.errors import ConfigError
+
+# method.name -> "module:class"; modules are imported only when their method is used.
+METHODS = {
+    "source_only": "eglp_dist.methods.source_only:SourceOnly",
+    "uda": "eglp_dist.methods.uda:UDA",
+}
+PLANNED = {"eglp": "EGLP (RCM, DNIS, FIS with NFNet, DMS)", "spn": "SPN (hybrid prompts)"}
+
+
+def build_method(cfg, env, device):
+    name = cfg.method.name
+    if name not in METHODS:
+        if name in PLANNED:
+            raise ConfigError(f"method.name={name}: {PLANNED[name]} is not implemented yet; "
+                              f"available: {', '.join(METHODS)}")
+        raise ConfigError(f"method.name={name!r}: unknown (available: {', '.join(METHODS)})")
+    module_name, cls_name = METHODS[name].split(":")
+    return getattr(importlib.import_module(module_name), cls_name)(cfg, env, device)

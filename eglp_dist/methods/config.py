@@ -1,11 +1,66 @@
-"""Config of the training recipe (owned by methods/). Extended by the training-engine issue."""
+"""Config of the training recipe (owned by methods/): which method, and each UDA part with
+its DAFormer/HRDA/MIC default so that every part can be switched or tuned from the config.
+
+Defaults are the published ones: DAFormer (``configs/_base_/uda/dacs_a999_fdthings.py``:
+alpha 0.999, pseudo threshold 0.968, colour jitter strength 0.2 applied with p 0.8, blur
+p 0.5, FD lambda 0.005 on classes 6, 7, 11-18 with 0.75 majority downscaling), HRDA (its
+multi-resolution forward is the model's, ``model.hrda``) and MIC (64-pixel blocks, mask
+ratio 0.7, loss weight 1; off by default as in HRDA).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import List, Optional
 
-from eglp_dist.config_fields import choice
+from eglp_dist.config_fields import choice, non_negative, positive
+
+DAFORMER_FD_CLASSES = [6, 7, 11, 12, 13, 14, 15, 16, 17, 18]  # "things" of Cityscapes' 19
+
+
+@dataclass
+class TeacherConfig:
+    alpha: float = positive(0.999)  # alpha_t = min(1 - 1/(t+1), alpha)
+
+
+@dataclass
+class PseudoLabelConfig:
+    threshold: float = positive(0.968)  # confidence weight = share of pixels with max prob >= this
+    ignore_top: int = non_negative(0)  # rows at the top of the target crop weighted 0 (15 in HRDA's CS configs)
+    ignore_bottom: int = non_negative(0)  # rows at the bottom weighted 0 (120 in HRDA's CS configs: ego car)
+
+
+@dataclass
+class MixConfig:
+    enabled: bool = True  # ClassMix of source classes onto the target
+    jitter_p: float = non_negative(0.8)  # colour jitter probability (DAFormer: U > 0.2)
+    jitter_strength: float = non_negative(0.2)
+    blur_p: float = non_negative(0.5)
+    blur_sigma: List[float] = field(default_factory=lambda: [0.15, 1.15])
+
+
+@dataclass
+class FeatureDistanceConfig:
+    enabled: bool = True
+    weight: float = non_negative(0.005)  # DAFormer's imnet_feature_dist_lambda
+    classes: Optional[List[int]] = field(default_factory=lambda: list(DAFORMER_FD_CLASSES))  # None: all
+    min_ratio: float = positive(0.75)  # majority rule when downscaling the label to the features
+
+
+@dataclass
+class MaskingConfig:
+    """MIC masked image consistency on the target (Hoyer et al., CVPR 2023)."""
+    enabled: bool = False
+    block_size: int = positive(64)
+    ratio: float = non_negative(0.7)  # share of blocks hidden
+    weight: float = non_negative(1.0)
+    color_aug: bool = True  # MIC jitters/blurs the target before masking
 
 
 @dataclass
 class MethodConfig:
     name: str = choice("source_only", ["source_only", "uda", "eglp", "spn"])
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    pseudo: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
+    fd: FeatureDistanceConfig = field(default_factory=FeatureDistanceConfig)
+    mic: MaskingConfig = field(default_factory=MaskingConfig)

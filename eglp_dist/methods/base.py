@@ -1,0 +1,99 @@
+"""What the training loop knows about a recipe.
+
+A ``Method`` owns everything that learns or draws random numbers:
+
+* ``engines``: optimised models (DDP or DeepSpeed), checkpointed in their own format;
+* ``modules``: plain modules beside them that change during training (EMA teachers),
+  checkpointed from rank 0 (they are identical on every rank);
+* ``generator``: the one ``torch.Generator`` behind every random choice the recipe makes
+  (ClassMix classes, jitter, blur, HRDA detail boxes, MIC masks), seeded per rank and saved
+  per rank, so a resumed run draws exactly what the uninterrupted one would have drawn.
+
+The loop gives ``step(batches, it)`` one batch per stream named in ``streams`` and gets back
+detached scalar tensors to log; ``visuals()`` returns the last step's pictures for TensorBoard.
+EGLP's NFNet is a second engine in the same process; nothing here assumes only one.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+from eglp_dist.dist.engine import Engine, build_engine
+from eglp_dist.dist.env import DistEnv
+from eglp_dist.models import build_segmentor
+
+_RANK_STRIDE = 1_000_003  # keeps per-rank generator seeds of nearby run seeds apart
+
+
+def method_seed(seed: int, rank: int) -> int:
+    return int(seed) + _RANK_STRIDE * (rank + 1)
+
+
+class Method:
+    """Base of every recipe: the student engine, the generator and the checkpoint plumbing."""
+
+    streams: Tuple[str, ...] = ("source",)
+
+    def __init__(self, cfg, env: DistEnv, device: torch.device):
+        self.cfg, self.env, self.device = cfg, env, device
+        self.engines: Dict[str, Engine] = {}
+        self.modules: Dict[str, nn.Module] = {}
+        self.generator = torch.Generator().manual_seed(method_seed(cfg.run.seed, env.rank))
+        self.mean = list(cfg.data.mean)
+        self.std = list(cfg.data.std)
+        self._visuals: Dict[str, torch.Tensor] = {}
+        # Same weights on every rank: the model is built from the run seed, before any
+        # per-rank randomness (DDP and DeepSpeed would broadcast rank 0's anyway).
+        torch.manual_seed(cfg.run.seed)
+        self.student = self.add_engine("student", build_segmentor(cfg.model))
+
+    def add_engine(self, name: str, model: nn.Module) -> Engine:
+        o = self.cfg.optim
+        groups = model.param_groups(o.lr, o.weight_decay, o.head_lr_mult)
+        engine = build_engine(name, model, groups, o, self.cfg.schedule, self.cfg.trainer.max_iters,
+                              self.cfg.engine, self.env, self.device)
+        self.engines[name] = engine
+        return engine
+
+    # -- the loop's interface ------------------------------------------------------------
+    def step(self, batches: Mapping[str, Dict[str, Any]], it: int) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def eval_model(self) -> nn.Module:
+        """The network evaluated and exported: the student, as DAFormer/HRDA evaluate it."""
+        return self.student.model
+
+    def visuals(self) -> Dict[str, torch.Tensor]:
+        """Last step's pictures (first image of the batch): ``*_img`` normalised images,
+        ``*_seg`` label maps (train ids, 255 ignored), ``*_pred`` logits or label maps."""
+        return self._visuals
+
+    def lrs(self) -> Dict[str, float]:
+        return {f"{name}/{i}": lr for name, eng in self.engines.items() for i, lr in enumerate(eng.lrs())}
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Per-rank state (saved by every rank)."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+    # -- helpers for recipes -------------------------------------------------------------
+    def keep_visual(self, **tensors: Optional[torch.Tensor]) -> None:
+        for key, value in tensors.items():
+            if value is not None:
+                self._visuals[key] = value[:1].detach().float().cpu() if value.is_floating_point() \
+                    else value[:1].detach().cpu()
+
+    def train_forward(self, engine: Engine, images: torch.Tensor, seg: torch.Tensor,
+                      weight: Optional[torch.Tensor] = None, prefix: str = "src"):
+        """Training forward of ``images`` through ``engine`` (HRDA boxes and SPN prompts drawn
+        from the method's generator) and the model's (weighted) segmentation losses.
+        Returns (outputs, losses, log dict of ``prefix.``-named detached tensors: the loop
+        turns them into numbers only at log intervals, so no step waits on the GPU); the caller adds
+        any further terms and calls ``engine.backward``."""
+        outputs = engine(images, mode="train", generator=self.generator)
+        losses = engine.model.losses(outputs, seg, weight)
+        return outputs, losses, {f"{prefix}.{k}": v.detach() for k, v in losses.items() if k != "loss"}

@@ -1,0 +1,61 @@
+"""Pseudo-labels and their confidence weight from the EMA teacher's logits (DAFormer/DACS).
+
+DAFormer (``mmseg/models/uda/dacs.py``, ``forward_train``) turns the teacher's target logits
+into a hard label and a *single scalar* confidence weight:
+
+    softmax over classes -> (max prob, argmax)
+    weight = (number of pixels whose max prob >= pseudo_threshold) / (number of pixels)
+    weight[:, :psweight_ignore_top] = 0;  weight[:, -psweight_ignore_bottom:] = 0
+
+The share is taken over every pixel of the image, the rows that are then zeroed included.
+
+**Deliberate difference: one weight per image, not per batch.** DAFormer pools the share over
+the whole batch it sees (two images on its one GPU). Pooled over the per-rank batch, the
+weight would change with the per-rank batch size, i.e. with the number of GPUs the same global
+batch is split over, and two ranks would weight the same image differently. Per image, the
+weight of an image depends on that image (and the teacher) alone. With equal-sized images the
+batch mean of our per-image confidences equals DAFormer's pooled share.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+
+@torch.no_grad()
+def pseudo_labels(logits: Tensor, threshold: float = 0.968, ignore_top: int = 0,
+                  ignore_bottom: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
+    """Hard pseudo-labels, per-pixel weights and per-image confidence.
+
+    Args:
+        logits: (B, K, H, W) teacher logits (any float dtype; softmax is taken in float32 so
+            that a half-precision teacher gives the same confidence as a float32 one).
+        threshold: a pixel is confident when its max softmax probability is ``>=`` this
+            (DAFormer ``pseudo_prob.ge(pseudo_threshold)``).
+        ignore_top, ignore_bottom: number of rows at the top / bottom whose weight is set to 0
+            (DAFormer ``pseudo_weight_ignore_top/bottom``: rectification artefacts at the top,
+            the ego car at the bottom of Cityscapes-like crops). They still count in the share.
+
+    Returns:
+        label: (B, H, W) long, argmax over K.
+        weight: (B, H, W) float32, ``confidence[b]`` on every pixel of image b, 0 on ignored rows.
+        confidence: (B,) float32, share of image b's pixels with max prob >= threshold.
+    """
+    if logits.dim() != 4:
+        raise ValueError(f"logits must be (B, K, H, W), got shape {tuple(logits.shape)}")
+    if ignore_top < 0 or ignore_bottom < 0:
+        raise ValueError(f"ignore_top/ignore_bottom must be >= 0, got {ignore_top}/{ignore_bottom}")
+    prob = torch.softmax(logits.detach().float(), dim=1)
+    max_prob, label = prob.max(dim=1)                                   # (B, H, W)
+    confident = max_prob.ge(threshold)
+    b, h, w = label.shape
+    # exact integer count, divided in float64 (DAFormer: python int / int), stored as float32
+    confidence = (confident.flatten(1).sum(dim=1).double() / float(h * w)).float()  # (B,)
+    weight = confidence.view(b, 1, 1).expand(b, h, w).contiguous()
+    if ignore_top > 0:
+        weight[:, :ignore_top, :] = 0
+    if ignore_bottom > 0:
+        weight[:, max(h - ignore_bottom, 0):, :] = 0
+    return label, weight, confidence

@@ -1,0 +1,99 @@
+#!/usr/bin/env python
+"""Seconds per training iteration and peak memory per rank: source-only vs UDA, side by side.
+
+Spawns ``--ranks`` processes (gloo on CPU, NCCL where CUDA is visible: the same code), builds
+each method from the given config exactly as ``eglp train`` does (same engines, EMA teacher,
+frozen ImageNet copy) and drives ``method.step`` with pre-made batches of the configured
+crop and batch size, so the number is the step itself, not data loading (that is
+``bench_loader.py``). Peak memory is ``torch.cuda.max_memory_allocated`` on GPU and the
+process's peak resident set (ru_maxrss, which includes the interpreter and libraries) on CPU.
+
+    python tools/bench_step.py --config configs/demo/tiny_uda.yaml --ranks 2 --iters 10
+    python tools/bench_step.py --config configs/demo/tiny_uda.yaml model=tiny_daformer
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+import torch  # noqa: E402
+
+import eglp_dist  # noqa: E402,F401
+
+METHODS = ["source_only", "uda"]
+
+
+def fake_batch(stream_cfg, num_classes: int, device, generator: torch.Generator) -> dict:
+    b, (h, w) = stream_cfg.batch_size, stream_cfg.crop_size
+    img = torch.randn(b, 3, h, w, generator=generator).to(device)
+    seg = torch.randint(0, num_classes, (b, h, w), generator=generator).to(device)
+    return {"img": img, "seg": seg, "meta": [{}] * b}
+
+
+def _work(env, config, overrides, name, warmup, iters):
+    """One method in fresh processes, so each one's peak memory is its own."""
+    from eglp_dist.config import load_config
+    from eglp_dist.methods import build_method
+
+    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    cfg = load_config(config, [*overrides, f"method.name={name}"])
+    method = build_method(cfg, env, device)
+    g = torch.Generator().manual_seed(env.rank)
+    batches = [{s: fake_batch(getattr(cfg.data, s), cfg.model.num_classes, device, g)
+                for s in method.streams} for _ in range(2)]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for it in range(warmup + iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        logs = method.step(batches[it % 2], it)
+        float(sum(v.float() for v in logs.values()))  # wait for the step, as a log would
+        if it >= warmup:
+            times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"s_per_iter": statistics.median(times), "peak_bytes": peak,
+            "params": sum(p.numel() for p in method.student.model.parameters()),
+            "model": cfg.model.name, "batch": cfg.data.source.batch_size,
+            "crop": list(cfg.data.source.crop_size)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "configs" / "demo" / "tiny_uda.yaml"))
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=8)
+    a = p.parse_args(argv)
+    from dist_harness import run_ranks
+
+    by_method = {m: run_ranks(_work, a.ranks, args=(a.config, list(a.overrides), m, a.warmup, a.iters))
+                 for m in METHODS}
+    per_rank = [{m: by_method[m][r] for m in METHODS} for r in range(a.ranks)]
+    first = per_rank[0]["source_only"]
+    kind = "CUDA" if torch.cuda.is_available() else "CPU, gloo"
+    print(f"model {first['model']} ({first['params']:,} params), batch {first['batch']}/rank, crop "
+          f"{first['crop']}, {a.ranks} ranks ({kind}), median of {a.iters} iterations")
+    mem = "peak alloc" if torch.cuda.is_available() else "peak RSS"
+    print(f"{'method':<12}{'rank':>5}{'s/iter':>9}{'x src':>7}{mem:>13}{'x src':>7}")
+    for rank, rows in enumerate(per_rank):
+        base = rows["source_only"]
+        for name in METHODS:
+            r = rows[name]
+            print(f"{name:<12}{rank:>5}{r['s_per_iter']:>9.3f}{r['s_per_iter'] / base['s_per_iter']:>7.2f}"
+                  f"{r['peak_bytes'] / 2**20:>10.0f}MiB{r['peak_bytes'] / base['peak_bytes']:>7.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
