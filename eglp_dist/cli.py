@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional
 HANDLERS: Dict[str, str] = {
     "train": "eglp_dist.train:run_cli",
     "eval": "eglp_dist.evaluate:run_cli",
-    "predict": "eglp_dist.evaluate:predict_cli",
+    "predict": "eglp_dist.export:predict_cli",
     "score": "eglp_dist.score:score_cli",
     "pack": "eglp_dist.data.pack:run_cli",
     "synth": "eglp_dist.data.synth:run_cli",

@@ -1,5 +1,6 @@
-"""eglp eval / predict: one inference path, 1 rank == 2 ranks (unequal and empty shares),
-checkpoint weights, server file names and formats, and `eglp score` agreeing with evaluate()."""
+"""eglp eval / predict: one inference path (evaluate.py), 1 rank == 2 ranks (unequal and empty
+shares), checkpoint weights (weights.py), server file names and formats (export.py), and
+`eglp score` agreeing with evaluate()."""
 import argparse
 import contextlib
 import io
@@ -81,7 +82,8 @@ def _make_checkpoint(env, root):
 def _evaluate_split(cfg_path, shards, state, rank, world):
     from eglp_dist.config import load_config
     from eglp_dist.data.loader import build_eval_loader
-    from eglp_dist.evaluate import evaluate, load_into
+    from eglp_dist.evaluate import evaluate
+    from eglp_dist.weights import load_into
     from eglp_dist.models import build_segmentor
 
     cfg = load_config(cfg_path, [f"data.val.shards={shards}"])
@@ -92,7 +94,9 @@ def _evaluate_split(cfg_path, shards, state, rank, world):
 
 
 def _two_rank_worker(env, d):
-    from eglp_dist.evaluate import load_weights, predict_cli, run_cli
+    from eglp_dist.evaluate import run_cli
+    from eglp_dist.export import predict_cli
+    from eglp_dist.weights import load_weights
 
     student, teacher = _make_checkpoint(env, d["ckpt"])
     loaded = load_weights(d["ckpt"])  # a run's checkpoints/ folder -> newest complete one
@@ -121,7 +125,7 @@ def two_ranks(data):
 
 @pytest.fixture(scope="module")
 def weights(two_ranks, data):
-    from eglp_dist.evaluate import load_weights
+    from eglp_dist.weights import load_weights
 
     return load_weights(data["ckpt"])
 
@@ -175,7 +179,7 @@ def test_evaluate_restores_modes_and_honours_max_batches(data, weights):
 
 
 def test_load_weights_round_trip_and_errors(two_ranks, data, weights, tmp_path):
-    from eglp_dist.evaluate import load_weights
+    from eglp_dist.weights import load_weights
 
     assert all(r["round_trip"] and r["teacher"] for r in two_ranks)
     iter_dir = data["ckpt"] / "iter_0000005"
@@ -312,7 +316,7 @@ def test_predict_acdc_and_dark_zurich_server_layouts(two_ranks, data, weights, o
 
 
 def test_prediction_names_and_atomic_write(tmp_path, monkeypatch):
-    from eglp_dist import evaluate as ev
+    from eglp_dist import export as ev
 
     cases = [
         ({"source": "leftImg8bit/test/berlin/berlin_000000_000019_leftImg8bit.png", "dataset": "cityscapes",

@@ -68,3 +68,26 @@ def test_uda_resume_is_exact_on_two_ranks(shards, tmp_path, engine):
     # and training moved the weights at all (a resume that silently restarted would differ)
     first = _final_state(straight_dir, 2)
     assert any(not torch.equal(first[0][k], straight[0][k]) for k in first[0])
+
+
+def test_demo_end_to_end_through_torchrun(tmp_path):
+    """`eglp demo` as a user runs it: synth + pack, two torchrun launches of 2 ranks each
+    (the console entry, its exit path and the launcher's environment), evaluation, report."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "eglp_dist", "demo", "--out", str(out), "--iters", "3"],
+                          capture_output=True, text=True, timeout=280,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "mIoU" in proc.stdout and "tensorboard --logdir" in proc.stdout
+    for name in ("demo_source_only", "demo_uda"):
+        run = out / "runs" / name
+        result = json.loads((run / "eval.jsonl").read_text().splitlines()[-1])
+        assert result["iter"] == 3 and 0.0 <= result["mIoU"] <= 1.0
+        assert (run / "checkpoints" / "latest" / "COMPLETE").is_file()
+        assert list((run / "tb").glob("events.out.tfevents.*"))
+        assert (run / "config.yaml").is_file()

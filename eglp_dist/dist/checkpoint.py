@@ -31,9 +31,9 @@ import torch
 
 from eglp_dist.dist import comm
 
-COMPLETE = "COMPLETE"
+COMPLETE = "COMPLETE"  # marker file, written last
 LATEST = "latest"
-_ITER_RE = re.compile(r"^iter_(\d+)$")
+ITER_RE = re.compile(r"^iter_(\d+)$")  # a checkpoint folder's name (checkpoint_name); group 1: step
 
 
 def capture_rng() -> Dict[str, Any]:
@@ -99,7 +99,7 @@ def _complete_checkpoints(root: Path):
     found = []
     if root.is_dir():
         for p in root.iterdir():
-            m = _ITER_RE.match(p.name)
+            m = ITER_RE.match(p.name)
             if m and p.is_dir() and (p / COMPLETE).is_file():
                 found.append((int(m.group(1)), p))
     return sorted(found)

@@ -10,9 +10,10 @@ Two layouts of the same MiT weights exist in the wild:
   ``stages.0.blocks.0.attn.q``, ``stages.1.downsample.proj``, ``stages.0.norm`` ...
 
 The key mapping is timm's own ``pvt_v2.checkpoint_filter_fn`` (used, not rewritten). This
-module adds what a user needs around it: unwrapping checkpoint containers (``state_dict``,
-``model``, ``module.``/``backbone.`` prefixes of whole-segmentor checkpoints), telling the
-layouts apart, inferring the MiT variant from tensor shapes, and ``eglp convert-mit``.
+module adds what a user needs around it: picking the encoder out of whole-segmentor
+checkpoints (``backbone.`` prefixes; reading the file and unwrapping ``state_dict``/``model``
+containers and ``module.`` prefixes is ``eglp_dist.weights``', shared with ``eglp eval``),
+telling the layouts apart, inferring the MiT variant from tensor shapes, and ``eglp convert-mit``.
 Loading (``backbones.load_encoder_weights``) accepts either layout directly; converting
 once just makes the file loadable by plain timm as well.
 """
@@ -25,8 +26,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from eglp_dist.errors import UserError
-
-StateDict = Dict[str, torch.Tensor]
+from eglp_dist.weights import StateDict, read_weight_file
 
 # SegFormer's MiT variants: (depths, widths). All use MLP ratio 4, heads (1, 2, 5, 8) and
 # reduction ratios (8, 4, 2, 1) (SegFormer mix_transformer.py).
@@ -50,39 +50,21 @@ CLASSIFIER_MODULES = ("head", "fc", "classifier")
 def read_state_dict(path: str) -> StateDict:
     """Load a weight file and unwrap it to a flat ``{key: tensor}`` of encoder weights.
 
-    Accepts a bare state dict, ``{"state_dict": ...}`` / ``{"model": ...}`` containers
-    (mmcv, DeepSpeed exports), ``module.`` prefixes (DDP) and whole-model checkpoints whose
-    encoder keys start with one of ``ENCODER_PREFIXES``.
+    Reading and unwrapping are ``weights.read_weight_file``'s (tensor-only load, bare state
+    dict or ``{"state_dict": ...}`` / ``{"model": ...}`` containers of mmcv and DeepSpeed
+    exports, DDP ``module.`` prefixes; DataError, a UserError, naming the file). This adds
+    one step: of a whole-model checkpoint, only the encoder's keys (the first of
+    ``ENCODER_PREFIXES`` found, prefix removed) are kept.
     """
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such weight file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors come in many types
-        raise UserError(
-            f"{path}: cannot be read as a tensor-only checkpoint ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); if the file is trusted, re-save "
-            f"its state dict with torch.save(torch.load(path, weights_only=False)['state_dict'])"
-        ) from None
-    return unwrap_state_dict(obj, path)
+    return encoder_part(read_weight_file(path))
 
 
-def unwrap_state_dict(obj: Any, path: str = "<state dict>") -> StateDict:
-    """The encoder's ``{key: tensor}`` inside a checkpoint object (see ``read_state_dict``)."""
-    for container in ("state_dict", "model", "module"):
-        if isinstance(obj, dict) and isinstance(obj.get(container), dict):
-            obj = obj[container]
-            break
-    if not isinstance(obj, dict) or not obj:
-        raise UserError(f"{path}: not a state dict (found {type(obj).__name__})")
-    bad = [k for k, v in obj.items() if not isinstance(k, str) or not torch.is_tensor(v)]
-    if bad:
-        raise UserError(f"{path}: entry {bad[0]!r} is not a tensor; not a state dict")
-    sd: StateDict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+def encoder_part(sd: StateDict) -> StateDict:
+    """The encoder's keys of a whole-model state dict (prefix removed); ``sd`` itself if no
+    key starts with one of ``ENCODER_PREFIXES``."""
     for prefix in ENCODER_PREFIXES:
         if any(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-            break
+            return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     return sd
 
 
