@@ -18,7 +18,7 @@ def test_defaults_file_and_group_are_merged_in_order():
     assert cfg.engine.kind == "ddp"  # from base.yaml's `engine: ddp`
     assert cfg.optim.weight_decay == pytest.approx(0.01)  # base.yaml
     assert cfg.optim.lr == pytest.approx(6e-4)  # the file overrides base.yaml's 6e-5
-    assert cfg.trainer.max_iters == 200  # the file itself wins over base.yaml
+    assert cfg.trainer.max_iters == 600  # the file itself wins over base.yaml
 
 
 def test_cli_value_and_group_overrides():
