@@ -28,7 +28,7 @@ from eglp_dist.errors import ConfigError
 from eglp_dist.methods import build_method
 from eglp_dist.methods.base import method_seed
 from eglp_dist.metrics import format_table
-from eglp_dist.monitor import Monitor
+from eglp_dist.logging import Monitor
 
 
 def run_dir_of(cfg) -> Path:

@@ -25,8 +25,8 @@ class TeacherConfig:
 @dataclass
 class PseudoLabelConfig:
     threshold: float = positive(0.968)  # confidence weight = share of pixels with max prob >= this
-    ignore_top: int = non_negative(0)  # rows at the top of the target crop weighted 0 (15 in HRDA's CS configs)
-    ignore_bottom: int = non_negative(0)  # rows at the bottom weighted 0 (120 in HRDA's CS configs: ego car)
+    ignore_top: int = non_negative(0)  # rows at the top of the target crop weighted 0 (DAFormer: 15)
+    ignore_bottom: int = non_negative(0)  # rows at the bottom weighted 0 (DAFormer: 120, the ego car; HRDA GTA->CS: 240)
 
 
 @dataclass

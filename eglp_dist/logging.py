@@ -1,5 +1,8 @@
 """What a run shows while it trains: a progress line on rank 0 and TensorBoard scalars/images.
 
+(The module is ``eglp_dist.logging``, as DESIGN.md lays out; it never shadows the standard
+library's ``logging``, which absolute imports keep reaching.)
+
 Losses are kept as tensors and summed locally every step; only at a log interval are they
 all-reduced (one collective for all of them) and averaged over ranks and steps, so the
 numbers shown are the global ones mmcv's logger shows, and no step waits on the device.

@@ -4,7 +4,7 @@ import torch
 
 from dist_harness import run_ranks
 from eglp_dist.data.labels import PALETTE
-from eglp_dist.monitor import Monitor, image_grid
+from eglp_dist.logging import Monitor, image_grid
 
 MEAN, STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
 
