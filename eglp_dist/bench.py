@@ -3,7 +3,8 @@ plain scripts for people who do not install the package)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
+import sys
 from pathlib import Path
 
 from eglp_dist.errors import UserError
@@ -15,7 +16,10 @@ def run_cli(args: argparse.Namespace) -> int:
     path = TOOLS / f"bench_{args.what}.py"
     if not path.is_file():
         raise UserError(f"benchmark script {path} not found")
-    spec = importlib.util.spec_from_file_location(f"bench_{args.what}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    # Imported by name from tools/ on sys.path, not from a file spec: the multi-rank
+    # benchmarks spawn processes that unpickle their worker as `bench_WHAT._work`, and
+    # spawned children get the parent's sys.path, so they can import it the same way.
+    if str(TOOLS) not in sys.path:
+        sys.path.insert(0, str(TOOLS))
+    module = importlib.import_module(f"bench_{args.what}")
     return int(module.main(args.bench_args) or 0)
