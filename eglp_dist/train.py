@@ -93,7 +93,8 @@ def train(cfg, local_rank: Optional[int] = None) -> Dict[str, Any]:
     images_per_iter = sum(s.batch_size for s in streams.values())
     monitor = Monitor(run_dir, env.is_main, start, t.max_iters, images_per_iter)
     if resume_from is not None:
-        monitor.write(f"resumed from {resume_from} at iteration {start}")
+        monitor.write(f"resumed from {resume_from} at iteration {start}"
+                      + (" (run already complete)" if start >= t.max_iters else ""))
     last_eval: Dict[str, Any] = {}
     for engine in method.engines.values():
         engine.train()
