@@ -68,10 +68,6 @@ def train(cfg, local_rank: Optional[int] = None) -> Dict[str, Any]:
     t = cfg.trainer
     run_dir = run_dir_of(cfg)
     ckpt_root = run_dir / "checkpoints"
-    if env.is_main:
-        save_resolved(cfg, run_dir / "config.yaml")
-    comm.barrier()
-
     method = build_method(cfg, env, device)
     streams = {name: build_train_stream(getattr(cfg.data, name), cfg.data, env.rank, env.world_size,
                                         seed=cfg.run.seed, device=device, name=name)
@@ -80,6 +76,9 @@ def train(cfg, local_rank: Optional[int] = None) -> Dict[str, Any]:
     if cfg.data.val.shards:
         val_loader = build_eval_loader(cfg.data.val, cfg.data, env.rank, env.world_size, device, name="val")
     seed_rank(cfg.run.seed, env.rank)
+    if env.is_main:  # only once everything built: a config that cannot start leaves no run folder
+        save_resolved(cfg, run_dir / "config.yaml")
+    comm.barrier()
 
     start = 0
     resume_from = checkpoint_to_resume(cfg, ckpt_root)

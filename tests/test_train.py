@@ -91,3 +91,20 @@ def test_demo_end_to_end_through_torchrun(tmp_path):
         assert (run / "checkpoints" / "latest" / "COMPLETE").is_file()
         assert list((run / "tb").glob("events.out.tfevents.*"))
         assert (run / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize("override,message", [
+    (None, "data.source.shards: no shard folder set for stream 'source'"),
+    ("data.target.shards={missing}", "no manifest"),
+])
+def test_a_run_that_cannot_start_says_why_and_leaves_nothing(shards, tmp_path, override, message):
+    import subprocess
+    import sys
+
+    args = [f"run.out_dir={tmp_path / 'runs'}"]
+    if override:
+        args += [f"data.source.shards={shards['cityscapes_train']}", override.format(missing=tmp_path / "nope")]
+    proc = subprocess.run([sys.executable, "-m", "eglp_dist", "train", str(DEMO / "tiny_uda.yaml"), *args],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "runs").exists()
