@@ -104,9 +104,14 @@ def train(cfg, local_rank: Optional[int] = None) -> Dict[str, Any]:
             monitor.flush(it, {f"lr/{k}": v for k, v in method.lrs().items()})
         if it % t.image_interval == 0:
             monitor.images(it, method.visuals(), cfg.data.mean, cfg.data.std)
-        if val_loader is not None and should(it, t.eval_interval, t.max_iters):
+        evaluate_now = val_loader is not None and should(it, t.eval_interval, t.max_iters)
+        save_now = should(it, t.ckpt_interval, t.max_iters)
+        if evaluate_now or save_now:
+            for engine in method.engines.values():
+                engine.sync_buffers()  # one model on every rank (see Engine.sync_buffers)
+        if evaluate_now:
             last_eval = run_evaluation(method, val_loader, cfg, device, monitor, run_dir, it)
-        if should(it, t.ckpt_interval, t.max_iters):
+        if save_now:
             save_checkpoint(ckpt_root, it, method.engines, method.modules,
                             {"method": cfg.method.name, "config": to_plain(cfg)},
                             {"streams": {n: s.state_dict() for n, s in streams.items()},

@@ -169,3 +169,28 @@ def test_checkpoint_resume_is_exact_and_exports_fp32(kind, tmp_path):
         assert all(v.dtype == torch.float32 for v in exported.values() if v.is_floating_point())
     ckpts = sorted(p.name for p in (tmp_path / kind).iterdir())
     assert ckpts == ["iter_0000002", "latest"]
+
+
+def _batch_norm_run(env, kind):
+    eng = _engine(env, kind, model=make_tiny(0, batch_norm=True))
+    _train(eng, env, 3)  # each rank sees its own batches: running statistics drift apart
+    before = {k: v.clone() for k, v in eng.model.state_dict().items() if "running" in k}
+    eng.sync_buffers()
+    after = {k: v.clone() for k, v in eng.model.state_dict().items() if "running" in k}
+    return before, after, eng.state_dict_fp32()
+
+
+def test_batch_norm_buffers_are_one_model_after_sync_and_equal_under_ddp_and_zero():
+    """Ranks' running statistics drift apart during training (DDP broadcasts rank 0's before
+    each forward, DeepSpeed never); sync_buffers() (before eval/checkpoint) leaves every rank
+    with rank 0's, which are the same under DDP and ZeRO-2."""
+    ddp = run_ranks(_batch_norm_run, 2, args=("ddp",))
+    zero = run_ranks(_batch_norm_run, 2, args=("zero2",))
+    for runs in (ddp, zero):
+        (before0, after0, _), (before1, after1, _) = runs
+        assert any(not torch.equal(before0[k], before1[k]) for k in before0), "ranks should drift before sync"
+        for k in after0:
+            assert torch.equal(after0[k], after1[k]) and torch.equal(after0[k], before0[k]), k
+    for rank in range(2):
+        for k, v in ddp[rank][2].items():
+            torch.testing.assert_close(v, zero[rank][2][k], rtol=1e-5, atol=1e-6)

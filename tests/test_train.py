@@ -30,6 +30,19 @@ def _train(env, config, overrides_):
     return train(load_config(config, overrides_))
 
 
+def _eval_checkpoint(env, config, overrides_, checkpoint):
+    from eglp_dist.data.loader import build_eval_loader
+    from eglp_dist.evaluate import evaluate
+    from eglp_dist.models import build_segmentor
+    from eglp_dist.weights import load_weights
+
+    cfg = load_config(config, overrides_)
+    model = build_segmentor(cfg.model)
+    model.load_state_dict(load_weights(checkpoint))
+    loader = build_eval_loader(cfg.data.val, cfg.data, env.rank, env.world_size, "cpu", name="val")
+    return evaluate(model, loader, "cpu", cfg.model.num_classes).as_dict()
+
+
 def _final_state(run_dir: Path, step: int):
     from eglp_dist.dist.engine import export_fp32
 
@@ -68,6 +81,14 @@ def test_uda_resume_is_exact_on_two_ranks(shards, tmp_path, engine):
     # and training moved the weights at all (a resume that silently restarted would differ)
     first = _final_state(straight_dir, 2)
     assert any(not torch.equal(first[0][k], straight[0][k]) for k in first[0])
+    # the evaluation done in training is the checkpoint's evaluation (every rank evaluated
+    # rank 0's batch-norm statistics, which the checkpoint holds)
+    import json
+
+    in_training = json.loads((straight_dir / "eval.jsonl").read_text().splitlines()[-1])
+    (from_checkpoint,) = run_ranks(_eval_checkpoint, 1, args=(cfg, overrides(shards, tmp_path / "a", *common),
+                                                              str(straight_dir / "checkpoints" / "latest")))
+    assert in_training["IoU"] == from_checkpoint["IoU"]
 
 
 def test_demo_end_to_end_through_torchrun(tmp_path):

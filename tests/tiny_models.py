@@ -7,10 +7,11 @@ import torch.nn as nn
 
 
 class TinySeg(nn.Module):
-    def __init__(self, width: int = 8, classes: int = 3):
+    def __init__(self, width: int = 8, classes: int = 3, batch_norm: bool = False):
         super().__init__()
+        norm = nn.BatchNorm2d(width) if batch_norm else nn.LayerNorm([width, 8, 8])
         self.encoder = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.GELU(),
-                                     nn.Conv2d(width, width, 3, padding=1), nn.LayerNorm([width, 8, 8]))
+                                     nn.Conv2d(width, width, 3, padding=1), norm)
         self.head = nn.Conv2d(width, classes, 1)
 
     def forward(self, x):
@@ -24,9 +25,9 @@ class TinySeg(nn.Module):
                 {"params": list(self.head.parameters()), "lr": lr * head_lr_mult, "weight_decay": weight_decay}]
 
 
-def make_tiny(seed: int = 0) -> TinySeg:
+def make_tiny(seed: int = 0, batch_norm: bool = False) -> TinySeg:
     torch.manual_seed(seed)
-    return TinySeg()
+    return TinySeg(batch_norm=batch_norm)
 
 
 def batch(rank: int, step: int, n: int = 2):

@@ -38,6 +38,21 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_tensors(tensors: List[torch.Tensor], src: int = 0) -> None:
+    """Rank ``src``'s values into ``tensors`` on every rank, in place, as one flat message
+    (as DDP's buffer broadcast coalesces them)."""
+    if not tensors or not (is_distributed() and world_size() > 1):
+        return
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    for dtype in sorted({t.dtype for t in tensors}, key=str):
+        group = [t for t in tensors if t.dtype == dtype]
+        flat = _flatten_dense_tensors([t.detach() for t in group])
+        tdist.broadcast(flat, src=src)
+        for t, value in zip(group, _unflatten_dense_tensors(flat, group)):
+            t.data.copy_(value)
+
+
 def barrier() -> None:
     if is_distributed() and world_size() > 1:
         tdist.barrier()

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+from eglp_dist.dist import comm
 from eglp_dist.dist.env import DistEnv
 from eglp_dist.optim import build_optimizer, build_scheduler
 
@@ -109,6 +110,19 @@ class Engine:
     def train(self, mode: bool = True) -> "Engine":
         self.model.train(mode)
         return self
+
+    def sync_buffers(self) -> None:
+        """Rank 0's buffers (batch-norm running statistics) on every rank.
+
+        Buffers are not gradients: each rank updates its own in every training forward. DDP
+        overwrites them with rank 0's before each forward (``broadcast_buffers``), so after
+        the last forward the ranks differ by their own last update; DeepSpeed never syncs
+        them. Either way rank 0's statistics come from rank 0's batches only, and training
+        forwards use batch statistics, so the two engines train identically; what differs is
+        every other rank's copy. The loop calls this before every evaluation and checkpoint
+        (mmseg's DistEvalHook does the same, ``broadcast_bn_buffer=True``), so every rank
+        evaluates, and the checkpoint holds, one model."""
+        comm.broadcast_tensors([b for b in self.model.buffers()], src=0)
 
     # -- state ---------------------------------------------------------------------
     def save(self, path: Path) -> None:
