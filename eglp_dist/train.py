@@ -76,12 +76,12 @@ def train(cfg, local_rank: Optional[int] = None) -> Dict[str, Any]:
     if cfg.data.val.shards:
         val_loader = build_eval_loader(cfg.data.val, cfg.data, env.rank, env.world_size, device, name="val")
     seed_rank(cfg.run.seed, env.rank)
+    resume_from = checkpoint_to_resume(cfg, ckpt_root)
     if env.is_main:  # only once everything built: a config that cannot start leaves no run folder
         save_resolved(cfg, run_dir / "config.yaml")
     comm.barrier()
 
     start = 0
-    resume_from = checkpoint_to_resume(cfg, ckpt_root)
     if resume_from is not None:
         state, rank_state = load_checkpoint(resume_from, method.engines, method.modules)
         start = int(state["step"])
