@@ -37,7 +37,7 @@ def image_grid(visuals: Mapping[str, torch.Tensor], mean: Sequence[float], std: 
     for key in GRID_ORDER:
         if key not in visuals:
             continue
-        value = visuals[key][0]
+        value = visuals[key][0].cpu()
         if value.is_floating_point() and value.dim() == 3:  # normalised image [3, H, W]
             img = value.float() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
             size = size or tuple(img.shape[-2:])

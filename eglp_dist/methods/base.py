@@ -82,10 +82,12 @@ class Method:
 
     # -- helpers for recipes -------------------------------------------------------------
     def keep_visual(self, **tensors: Optional[torch.Tensor]) -> None:
+        """Keep the first image of each tensor for ``visuals()``. Called every step, so it
+        stays on the device (a small copy, no host transfer that would wait for the GPU);
+        pass predictions already sliced (``logits[:1].argmax(1)``) to skip the rest."""
         for key, value in tensors.items():
             if value is not None:
-                self._visuals[key] = value[:1].detach().float().cpu() if value.is_floating_point() \
-                    else value[:1].detach().cpu()
+                self._visuals[key] = value[:1].detach().clone()
 
     def train_forward(self, engine: Engine, images: torch.Tensor, seg: torch.Tensor,
                       weight: Optional[torch.Tensor] = None, prefix: str = "src"):

@@ -16,5 +16,5 @@ class SourceOnly(Method):
         outputs, losses, logs = self.train_forward(self.student, src["img"], src["seg"])
         self.student.backward(losses["loss"])
         self.student.step()
-        self.keep_visual(src_img=src["img"], src_seg=src["seg"], src_pred=outputs["logits"].argmax(1))
+        self.keep_visual(src_img=src["img"], src_seg=src["seg"], src_pred=outputs["logits"][:1].argmax(1))
         return logs

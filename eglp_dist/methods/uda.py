@@ -118,7 +118,7 @@ class UDA(Method):
             self.student.backward(m.mic.weight * losses_mic["loss"])
 
         self.student.step()
-        self.keep_visual(src_img=src["img"], src_seg=src["seg"], src_pred=out_src["logits"].argmax(1),
+        self.keep_visual(src_img=src["img"], src_seg=src["seg"], src_pred=out_src["logits"][:1].argmax(1),
                          tgt_img=tgt["img"], tgt_pseudo=plabel, tgt_seg=tgt.get("seg"),
-                         mix_img=mixed_img, mix_seg=mixed_seg, mix_pred=out_mix["logits"].argmax(1))
+                         mix_img=mixed_img, mix_seg=mixed_seg, mix_pred=out_mix["logits"][:1].argmax(1))
         return logs
