@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from eglp_dist.atomic import write_text_atomic
 from eglp_dist.config_fields import CHOICES, choice, non_negative, positive
 from eglp_dist.data.config import DataConfig
 from eglp_dist.errors import ConfigError
@@ -275,11 +276,7 @@ def load_config(path: os.PathLike | str, overrides: Sequence[str] = ()) -> DictC
 
 def save_resolved(cfg: DictConfig, path: os.PathLike | str) -> None:
     """Write the fully resolved config (atomically) so a run can be reproduced from it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    os.replace(tmp, path)
+    write_text_atomic(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def to_plain(cfg: DictConfig) -> Dict[str, Any]:

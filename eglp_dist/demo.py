@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from eglp_dist.config import PACKAGE_CONFIG_ROOT
+from eglp_dist.dist.env import free_port
 
 IMAGE_SIZE = (256, 128)  # W, H of the synthetic images
 NIGHT_SHIFT = 0.5  # half-strength night: a real gap that self-training can close
@@ -55,15 +56,7 @@ def prepare_data(out: Path, seed: int = 0, n_train: int = N_TRAIN, n_val: int = 
 
 def train_command(config: Path, overrides: List[str]) -> List[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-            str(_free_port()), "-m", "eglp_dist", "train", str(config), *overrides]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+            str(free_port()), "-m", "eglp_dist", "train", str(config), *overrides]
 
 
 def last_eval(run_dir: Path) -> dict:

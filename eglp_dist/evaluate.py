@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from eglp_dist.atomic import write_text_atomic
 from eglp_dist.data.labels import CLASSES, NUM_CLASSES
+from eglp_dist.dist.engine import autocast, autocast_dtype
 from eglp_dist.errors import DataError
 from eglp_dist.metrics import ConfusionMeter, SegMetrics, format_table, metrics_from_confusion
 from eglp_dist.weights import load_into, load_weights, resolve_checkpoint_dir
@@ -69,12 +70,6 @@ def eval_mode(model: nn.Module):
             m.training = training
 
 
-def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-
-
 def _original_hw(batch: Mapping[str, Any], i: int) -> Tuple[int, int]:
     if batch.get("seg") is not None:
         return tuple(batch["seg"].shape[-2:])  # type: ignore[return-value]
@@ -106,7 +101,7 @@ def iter_predictions(model: nn.Module, loader, device, autocast_dtype: Optional[
                 # Grad mode is thread state: keep no_grad off the yields, so the consumer
                 # runs with whatever mode it had.
                 with torch.no_grad():
-                    with _autocast(device, autocast_dtype):
+                    with autocast(device, autocast_dtype):
                         logits = model(img)
                     logits = logits.float()
                     outs = []
@@ -184,14 +179,13 @@ def _open_session(args: argparse.Namespace) -> CliSession:
     import torch.distributed as tdist
 
     from eglp_dist.config import load_config
-    from eglp_dist.dist.engine import autocast_dtype
     from eglp_dist.dist.env import detect_env, init_distributed
     from eglp_dist.models import build_segmentor
 
     cfg = load_config(args.config, list(args.overrides or []))
     ckpt = Path(args.checkpoint)
-    state = load_weights(ckpt)
     where = ckpt if ckpt.is_file() else resolve_checkpoint_dir(ckpt)
+    state = load_weights(where)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_cfg["pretrained"] = None  # every weight comes from the checkpoint
     model = build_segmentor(model_cfg)
@@ -216,12 +210,6 @@ def cli_session(args: argparse.Namespace) -> Iterator[CliSession]:
     finally:
         if session.owns_group:
             shutdown()
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def eval_json_path(checkpoint: Path, split: str = "val") -> Path:
@@ -251,7 +239,7 @@ def run_cli(args: argparse.Namespace) -> int:
                           num_pixels=int(metrics.confusion.sum()))
             out = eval_json_path(session.checkpoint)
             try:
-                _write_json_atomic(out, result)
+                write_text_atomic(out, json.dumps(result, indent=2) + "\n")
                 print(f"wrote {out}")
             except OSError as exc:  # a read-only checkpoint store must not fail the eval
                 print(f"eglp eval: could not write {out}: {exc}", file=sys.stderr)

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Mapping
 import numpy as np
 import torch
 
+from eglp_dist.atomic import atomic_path
 from eglp_dist.data.labels import TRAIN_TO_CITYSCAPES_ID, colorize
 from eglp_dist.dist import comm
 from eglp_dist.errors import DataError
@@ -89,14 +90,8 @@ def write_png_atomic(path: Path, arr: np.ndarray) -> None:
     run leaves either the whole file or none (and no ``*.png`` a server would pick up)."""
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
+    with atomic_path(path) as tmp:
         Image.fromarray(arr).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 class PredictionWriter:

@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from PIL import Image
 
+from eglp_dist.atomic import write_text_atomic
 from eglp_dist.data.labels import CITYSCAPES_ID_TO_TRAIN, IGNORE_INDEX, NUM_CLASSES
 from eglp_dist.errors import DataError
 from eglp_dist.metrics import confusion_matrix, format_table, metrics_from_confusion
@@ -168,8 +169,5 @@ def score_cli(args: argparse.Namespace) -> int:
     print(format_table(metrics))
     if args.json:
         out = dict(metrics.as_dict(), **{k: v for k, v in problems.items()})
-        path = Path(args.json)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(out, indent=2))
-        tmp.replace(path)
+        write_text_atomic(args.json, json.dumps(out, indent=2))
     return 0

@@ -16,11 +16,7 @@ from typing import Any, Callable, Dict, List, Sequence
 
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from eglp_dist.dist.env import free_port
 
 
 def launcher_environ(style: str, rank: int, world: int, port: int) -> Dict[str, str]:

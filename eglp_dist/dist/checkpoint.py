@@ -29,6 +29,7 @@ from typing import Any, Dict, Mapping, Optional
 import numpy as np
 import torch
 
+from eglp_dist.atomic import torch_save_atomic
 from eglp_dist.dist import comm
 
 COMPLETE = "COMPLETE"  # marker file, written last
@@ -55,12 +56,6 @@ def checkpoint_name(step: int) -> str:
     return f"iter_{step:07d}"
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".part")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(ckpt_root: os.PathLike | str, step: int, engines: Mapping[str, Any],
                     modules: Mapping[str, torch.nn.Module], state: Mapping[str, Any],
                     rank_state: Mapping[str, Any], keep_last: int = 3) -> Path:
@@ -76,9 +71,9 @@ def save_checkpoint(ckpt_root: os.PathLike | str, step: int, engines: Mapping[st
     for name, engine in engines.items():
         engine.save(tmp / "engines" / name)
     if comm.rank() == 0:
-        _atomic_torch_save({k: m.state_dict() for k, m in modules.items()}, tmp / "modules.pt")
-        _atomic_torch_save(dict(state, step=step), tmp / "state.pt")
-    _atomic_torch_save(dict(rank_state, rng=capture_rng()), tmp / f"rank_{comm.rank():05d}.pt")
+        torch_save_atomic({k: m.state_dict() for k, m in modules.items()}, tmp / "modules.pt")
+        torch_save_atomic(dict(state, step=step), tmp / "state.pt")
+    torch_save_atomic(dict(rank_state, rng=capture_rng()), tmp / f"rank_{comm.rank():05d}.pt")
     comm.barrier()
     if comm.rank() == 0:
         (tmp / COMPLETE).write_text(f"{step}\n")

@@ -57,6 +57,14 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     return None
 
 
+def autocast(device: torch.device | str, dtype: Optional[torch.dtype]):
+    """Autocast to ``dtype`` on ``device``'s type, or nothing when ``dtype`` is None (fp32);
+    training engines and evaluation use the same context."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
 class Engine:
     """Common part: dispatch, autocast, accumulation counting, lr read-out."""
 
@@ -77,9 +85,7 @@ class Engine:
 
     # -- forward -------------------------------------------------------------------
     def autocast(self):
-        if self._amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self._amp_dtype)
+        return autocast(self.device, self._amp_dtype)
 
     @property
     def at_boundary(self) -> bool:

@@ -113,7 +113,8 @@ def detect_env(environ: Optional[Mapping[str, str]] = None, local_rank_arg: Opti
     return DistEnv()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (single-process runs, local launches)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -143,7 +144,7 @@ def init_distributed(env: DistEnv, backend: str = "auto", timeout_s: int = 1800)
         return device
     port = env.master_port
     if env.launcher == "none" and "MASTER_PORT" not in os.environ:
-        port = _free_port()
+        port = free_port()
     os.environ.update({
         "RANK": str(env.rank), "WORLD_SIZE": str(env.world_size), "LOCAL_RANK": str(env.local_rank),
         "LOCAL_WORLD_SIZE": str(env.local_world_size), "MASTER_ADDR": env.master_addr,

@@ -23,8 +23,8 @@ import os
 import re
 from typing import Any, Dict, Optional, Tuple
 
-import torch
 
+from eglp_dist.atomic import torch_save_atomic
 from eglp_dist.errors import UserError
 from eglp_dist.weights import StateDict, read_weight_file
 
@@ -117,19 +117,6 @@ def infer_mit_variant(sd: StateDict, path: str = "<state dict>") -> str:
                     f"({', '.join(MIT_VARIANTS)})")
 
 
-def save_atomic(obj: Any, dst: str) -> None:
-    """``torch.save`` to a temporary name in the destination folder, then rename."""
-    folder = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(dst)}.tmp-{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def convert_mit(src: str, dst: str, variant: Optional[str] = None) -> Dict[str, Any]:
     """Convert ``src`` (either layout) to a timm-layout ``dst`` after a strict load check.
 
@@ -144,7 +131,7 @@ def convert_mit(src: str, dst: str, variant: Optional[str] = None) -> Dict[str, 
     name = variant or inferred
     encoder = create_encoder(name)
     encoder.load_timm_state_dict(timm_sd, source=src, origins=origins)  # strict
-    save_atomic(timm_sd, dst)
+    torch_save_atomic(timm_sd, dst)
     return {
         "variant": name,
         "inferred": inferred,
