@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from contextlib import nullcontext
 from typing import Callable, Dict, List, Optional
 
 # subcommand -> "module:function"; the function takes the parsed argparse.Namespace and
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred", required=True, help="folder of prediction PNGs")
     p.add_argument("--gt", required=True, help="folder of label PNGs (trainId or labelId)")
     p.add_argument("--json", default=None, help="also write the table as JSON here")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="score the matched subset when predictions are missing or unreadable "
+                        "(default: an error, since that is not the split's mIoU)")
 
     p = sub.add_parser("pack", help="pack a dataset folder into WebDataset shards + DALI index + manifest")
     p.add_argument("--dataset", required=True, help="dataset name (see eglp_dist/data/layouts.py)")
@@ -128,12 +132,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"eglp {args.command}: not implemented yet", file=sys.stderr)
         return 3
     from eglp_dist.errors import UserError
+    from eglp_dist.interrupt import received, terminate_as_interrupt
 
+    guard = terminate_as_interrupt() if args.command not in EXIT_WITHOUT_FINALIZERS else nullcontext()
     try:
-        return int(handler(args) or 0)
+        with guard:
+            return int(handler(args) or 0)
     except UserError as exc:
         print(f"eglp {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"eglp {args.command}: interrupted ({received()}); partial output removed",
+              file=sys.stderr)
+        return 130
 
 
 # Commands that may hold DeepSpeed and DDP engines in one process; they end without

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from eglp_dist.atomic import write_text_atomic
@@ -141,8 +141,12 @@ def _group_file(root: Path, group: str, name: str, origin: str) -> Path:
     return path
 
 
-def compose_file(path: Path, root: Optional[Path] = None, _seen: Tuple[Path, ...] = ()) -> DictConfig:
-    """Read a YAML file and everything its `defaults:` list names, merged in order."""
+def compose_file(path: Path, root: Optional[Path] = None, _seen: Tuple[Path, ...] = (),
+                 choices: Optional[Dict[str, str]] = None) -> DictConfig:
+    """Read a YAML file and everything its `defaults:` list names, merged in order.
+    ``choices`` (group -> name, from the command line) replace the `group: name` entries of
+    that group anywhere in the defaults tree, as Hydra's group overrides do."""
+    choices = choices or {}
     path = path.resolve()
     if path in _seen:
         raise ConfigError(f"{path}: defaults form a cycle: {' -> '.join(map(str, _seen + (path,)))}")
@@ -154,10 +158,10 @@ def compose_file(path: Path, root: Optional[Path] = None, _seen: Tuple[Path, ...
     merged = OmegaConf.create({})
     for entry in defaults:
         if isinstance(entry, str):
-            part = compose_file(path.parent / entry, root, _seen + (path,))
+            part = compose_file(path.parent / entry, root, _seen + (path,), choices)
         elif isinstance(entry, dict) and len(entry) == 1:
             (group, name), = entry.items()
-            group_path = _group_file(root, group, str(name), str(path))
+            group_path = _group_file(root, group, str(choices.get(group, name)), str(path))
             part = OmegaConf.create({group: compose_file(group_path, root, _seen + (path,))})
         else:
             raise ConfigError(f"{path}: a defaults entry must be 'file.yaml' or 'group: name', got {entry!r}")
@@ -203,8 +207,26 @@ def check_keys(schema: DictConfig, update: Any, origin: str, prefix: str = "") -
             where = f" (in {origin})" if origin else ""
             raise ConfigError(f"unknown config key '{full}'{where}{hint}")
         sub = schema._get_node(key)
+        value = update._get_node(key)
+        _check_shape(sub, value, full, origin)
         if isinstance(sub, DictConfig) and not _is_open_dict(sub):
-            check_keys(sub, update._get_node(key), origin, full + ".")
+            check_keys(sub, value, origin, full + ".")
+
+
+def _check_shape(schema_node: Any, value: Any, key: str, origin: str) -> None:
+    """A section given a single value, or a list field a scalar: said in the user's terms
+    (OmegaConf's own message names no key, or speaks of AnyNode and ListConfig)."""
+    where = f" (in {origin})" if origin else ""
+    scalar = not isinstance(value, (DictConfig, ListConfig)) and value is not None \
+        and getattr(value, "_value", lambda: None)() is not None
+    if isinstance(schema_node, DictConfig) and scalar and not schema_node._is_none():
+        shown = ", ".join(list(schema_node.keys())[:6])
+        first = next(iter(schema_node.keys()), "key")
+        raise ConfigError(f"config key '{key}'{where} is a section (with keys {shown}, ...), not a "
+                          f"single value; set one of its keys, e.g. {key}.{first}=...")
+    if isinstance(schema_node, ListConfig) and scalar:
+        raise ConfigError(f"config key '{key}'{where} takes a list, e.g. {key}=[1,2]; got the single "
+                          f"value {value._value()!r}")
 
 
 def merge_checked(schema: DictConfig, update: DictConfig, origin: str) -> DictConfig:
@@ -213,7 +235,7 @@ def merge_checked(schema: DictConfig, update: DictConfig, origin: str) -> DictCo
     try:
         return OmegaConf.merge(schema, update)
     except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or "?"
+        key = getattr(exc, "full_key", None) or _first_leaf(update, "").lstrip(".") or "?"
         msg = str(exc).splitlines()[0]
         where = f" (in {origin})" if origin else ""
         raise ConfigError(f"bad value for config key '{key}'{where}: {msg}") from exc
@@ -237,8 +259,11 @@ def _check_field_rules(cfg: DictConfig, dc_type: type, prefix: str = "") -> None
             _check_field_rules(value, value._metadata.object_type, full + ".")
 
 
-def parse_overrides(overrides: Iterable[str], root: Path, schema: DictConfig) -> List[Tuple[str, DictConfig]]:
-    """`key=value` items -> list of (origin, partial config) to merge in order."""
+def parse_overrides(overrides: Iterable[str], root: Path) -> Tuple[Dict[str, Tuple[str, Path]],
+                                                                   List[Tuple[str, DictConfig]]]:
+    """Command-line items -> ({group: (origin, file)} for `GROUP=NAME`, [(origin, partial
+    config)] for `key=value`, in order)."""
+    groups: Dict[str, Tuple[str, Path]] = {}
     parts = []
     for item in overrides:
         if "=" not in item:
@@ -247,14 +272,27 @@ def parse_overrides(overrides: Iterable[str], root: Path, schema: DictConfig) ->
         key = key.strip().lstrip("+")
         origin = f"command line '{item}'"
         if "." not in key and (root / key).is_dir() and value and "/" not in value:
-            group_path = _group_file(root, key, value, origin)
-            parts.append((origin, OmegaConf.create({key: compose_file(group_path, root)})))
+            groups[key] = (origin, _group_file(root, key, value, origin))
         else:
             try:
                 parts.append((origin, OmegaConf.from_dotlist([f"{key}={value}"])))
             except OmegaConfBaseException as exc:
                 raise ConfigError(f"{origin}: cannot parse: {exc}") from exc
-    return parts
+    return groups, parts
+
+
+def _selected_in(path: Path, root: Path, group: str, _seen: Tuple[Path, ...] = ()) -> bool:
+    """Whether the defaults tree of ``path`` has a `group: name` entry (so a command-line
+    choice of that group was substituted into it by compose_file)."""
+    path = path.resolve()
+    if path in _seen:
+        return False
+    for entry in _read_yaml(path).get("defaults", []) or []:
+        if isinstance(entry, dict) and group in entry:
+            return True
+        if isinstance(entry, str) and _selected_in(path.parent / entry, root, group, _seen + (path,)):
+            return True
+    return False
 
 
 def load_config(path: os.PathLike | str, overrides: Sequence[str] = ()) -> DictConfig:
@@ -263,8 +301,18 @@ def load_config(path: os.PathLike | str, overrides: Sequence[str] = ()) -> DictC
     path = Path(path)
     root = config_root_for(path)
     schema = OmegaConf.structured(Config)
-    cfg = merge_checked(schema, compose_file(path, root), str(path))
-    for origin, part in parse_overrides(overrides, root, schema):
+    groups, parts = parse_overrides(overrides, root)
+    composed = compose_file(path, root, choices={g: f.stem for g, (_, f) in groups.items()})
+    cfg = merge_checked(schema, composed, str(path))
+    for group, (origin, group_path) in groups.items():
+        if not _selected_in(path, root, group):
+            # the file named no such group: the node is replaced by the group's file on top
+            # of the node's defaults (its own keys for that node are dropped, as the group
+            # selection says "this node is that file")
+            node = merge_checked(OmegaConf.structured(Config), OmegaConf.create(
+                {group: compose_file(group_path, root)}), origin)[group]
+            cfg[group] = node
+    for origin, part in parts:  # value overrides apply after every group selection
         cfg = merge_checked(cfg, part, origin)
     _check_field_rules(cfg, Config)
     missing = OmegaConf.missing_keys(cfg)
@@ -274,9 +322,13 @@ def load_config(path: os.PathLike | str, overrides: Sequence[str] = ()) -> DictC
     return cfg
 
 
+def resolved_yaml(cfg: DictConfig) -> str:
+    """The fully resolved config as YAML: what a run can be reproduced from."""
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
 def save_resolved(cfg: DictConfig, path: os.PathLike | str) -> None:
-    """Write the fully resolved config (atomically) so a run can be reproduced from it."""
-    write_text_atomic(path, OmegaConf.to_yaml(cfg, resolve=True))
+    write_text_atomic(path, resolved_yaml(cfg))
 
 
 def to_plain(cfg: DictConfig) -> Dict[str, Any]:

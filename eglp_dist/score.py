@@ -13,8 +13,10 @@ Each side is read as trainIds or Cityscapes labelIds: from the file name where i
 labelIds). A file whose name says nothing and whose values are all below 19 (or 255) fits
 both; it is read the way most of its folder's decided files are (trainIds if none is), so
 a labelId prediction that happens to hold only road/sidewalk/building... is not misread.
-Missing files, size mismatches and unreadable files are listed, not fatal; the score covers
-the matched pairs.
+Missing, unreadable and mis-sized predictions are listed and are an error unless the user
+accepts a score of the matched pairs (``--allow-missing``); a sample key that two files share
+(e.g. ``--gt`` above ACDC's ``train/`` and ``val/``) is always an error; the output says how
+many label images the score covers.
 """
 from __future__ import annotations
 
@@ -54,17 +56,24 @@ def sample_key(path: Path) -> str:
     return _SUFFIX.sub("", path.stem)
 
 
-def _index(folder: Path) -> Dict[str, Path]:
+def _index(folder: Path) -> Tuple[Dict[str, Path], List[str]]:
+    """({sample key: file}, ["key: file, file"] for keys that files in two or more folders
+    share, e.g. a --gt folder above ACDC's train/ and val/, whose file names repeat: such keys
+    are left out of the mapping, never resolved by whichever file sorts first). Files of one
+    key in one folder are one sample in several encodings (Cityscapes' ``_labelIds`` beside
+    ``_labelTrainIds``): the first in name order is read, as before."""
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder")
-    found: Dict[str, Path] = {}
+    found: Dict[str, List[Path]] = {}
     for p in sorted(folder.rglob("*.png")):
         if _COMPANION.search(p.stem) or p.name.startswith("."):
             continue  # *_color.png etc. beside the id images; hidden temporaries
         if any(part in _SKIP_DIRS for part in p.relative_to(folder).parts[:-1]):
             continue
-        found.setdefault(sample_key(p), p)
-    return found
+        found.setdefault(sample_key(p), []).append(p)
+    unique = {k: v[0] for k, v in found.items() if len({p.parent for p in v}) == 1}
+    shared = [f"{k}: {', '.join(map(str, v))}" for k, v in found.items() if k not in unique]
+    return unique, shared
 
 
 def _read_ids(path: Path) -> np.ndarray:
@@ -100,17 +109,20 @@ def read_train_ids(path: Path) -> np.ndarray:
     return _to_train(arr, _encoding(path, arr) or TRAIN)
 
 
-def score_folders(pred_dir: Path, gt_dir: Path) -> Tuple[np.ndarray, Dict[str, List[str]]]:
-    """(19x19 confusion matrix over the matched pairs, {problem kind: [descriptions]})."""
+def score_folders(pred_dir: Path, gt_dir: Path) -> Tuple[np.ndarray, Dict[str, List[str]], int]:
+    """(19x19 confusion matrix over the matched pairs, {problem kind: [descriptions]}, number
+    of label images scored)."""
     import torch
 
-    preds, gts = _index(Path(pred_dir)), _index(Path(gt_dir))
-    problems: Dict[str, List[str]] = {"missing_prediction": [], "unmatched_prediction": [],
+    (preds, pred_shared), (gts, gt_shared) = _index(Path(pred_dir)), _index(Path(gt_dir))
+    problems: Dict[str, List[str]] = {"ambiguous_label": gt_shared, "ambiguous_prediction": pred_shared,
+                                      "missing_prediction": [], "unmatched_prediction": [],
                                       "size_mismatch": [], "unreadable": []}
     # One matrix per (prediction encoding, label encoding); "?x" = a file that fits both,
     # read as x; folder-wide choice for those at the end.
     sums: Dict[Tuple[str, str], np.ndarray] = {}
     decided = {"pred": {TRAIN: 0, LABEL: 0}, "gt": {TRAIN: 0, LABEL: 0}}
+    scored = 0
 
     def options(side: str, path: Path, arr: np.ndarray) -> List[str]:
         enc = _encoding(path, arr)
@@ -138,6 +150,7 @@ def score_folders(pred_dir: Path, gt_dir: Path) -> Tuple[np.ndarray, Dict[str, L
                 g = torch.from_numpy(_to_train(gt, ge.lstrip("?")))
                 m = confusion_matrix(p, g).numpy()
                 sums[(pe, ge)] = sums[(pe, ge)] + m if (pe, ge) in sums else m
+        scored += 1
     problems["unmatched_prediction"] = [str(p) for k, p in preds.items() if k not in gts]
 
     def folder_choice(side: str) -> str:
@@ -151,11 +164,18 @@ def score_folders(pred_dir: Path, gt_dir: Path) -> Tuple[np.ndarray, Dict[str, L
         if ge.lstrip("?") != ge and ge != "?" + wanted["gt"]:
             continue
         matrix += m
-    return matrix, problems
+    return matrix, problems, scored
+
+
+# Problems that make the score describe fewer images than the label folder holds (or the
+# wrong ones): errors unless the user accepts a partial score with --allow-missing.
+# Ambiguous keys are errors always: no flag makes "which of two labels" answerable.
+PARTIAL = ("missing_prediction", "size_mismatch", "unreadable")
+AMBIGUOUS = ("ambiguous_label", "ambiguous_prediction")
 
 
 def score_cli(args: argparse.Namespace) -> int:
-    matrix, problems = score_folders(Path(args.pred), Path(args.gt))
+    matrix, problems, scored = score_folders(Path(args.pred), Path(args.gt))
     for kind, items in problems.items():
         if items:
             print(f"{kind.replace('_', ' ')}: {len(items)}", file=sys.stderr)
@@ -163,11 +183,25 @@ def score_cli(args: argparse.Namespace) -> int:
                 print(f"  {item}", file=sys.stderr)
             if len(items) > 20:
                 print(f"  ... and {len(items) - 20} more", file=sys.stderr)
-    if matrix.sum() == 0:
+    for kind in AMBIGUOUS:
+        if problems[kind]:
+            raise DataError(f"{len(problems[kind])} sample key(s) name two or more files ({kind.replace('_', ' ')}, "
+                            f"e.g. {problems[kind][0]}): point --pred/--gt at one split's folder")
+    if scored == 0:
         raise DataError(f"no prediction in {args.pred} matched a label in {args.gt}")
+    labels = sum(len(problems[k]) for k in PARTIAL) + scored
+    partial = {k: len(problems[k]) for k in PARTIAL if problems[k]}
+    if partial and not args.allow_missing:
+        listing = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in partial.items())
+        raise DataError(f"only {scored} of {labels} label images in {args.gt} can be "
+                        f"scored ({listing}; listed above); a partial mIoU is not the split's mIoU. "
+                        f"Pass --allow-missing to score the matched subset anyway")
     metrics = metrics_from_confusion(matrix)
     print(format_table(metrics))
+    print(f"images scored: {scored} of {labels} label images in {args.gt}"
+          + (" (PARTIAL: --allow-missing)" if scored < labels else ""))
     if args.json:
-        out = dict(metrics.as_dict(), **{k: v for k, v in problems.items()})
+        out = dict(metrics.as_dict(), images_scored=scored, label_images=labels,
+                   **{k: v for k, v in problems.items()})
         write_text_atomic(args.json, json.dumps(out, indent=2))
     return 0

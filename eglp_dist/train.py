@@ -10,18 +10,21 @@ so ``trainer.resume=auto`` continues exactly where the last complete checkpoint 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
+import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import numpy as np
 import torch
 
-from eglp_dist.config import load_config, save_resolved, to_plain
+from eglp_dist.config import load_config, resolved_yaml, to_plain
 from eglp_dist.data.loader import build_eval_loader, build_train_stream
 from eglp_dist.dist import comm
-from eglp_dist.dist.checkpoint import find_latest, load_checkpoint, resolve_checkpoint, save_checkpoint
+from eglp_dist.dist.checkpoint import (find_latest, load_checkpoint, read_run_state, resolve_checkpoint,
+                                      save_checkpoint)
 from eglp_dist.dist.engine import autocast_dtype
 from eglp_dist.dist.env import detect_env, init_distributed, shutdown
 from eglp_dist.errors import ConfigError
@@ -29,22 +32,49 @@ from eglp_dist.methods import build_method
 from eglp_dist.methods.base import method_seed
 from eglp_dist.metrics import format_table
 from eglp_dist.logging import Monitor
-
-
-def run_dir_of(cfg) -> Path:
-    return Path(cfg.run.out_dir) / cfg.run.name
+from eglp_dist.run_folder import (RunFolderBusy, RunLock, check_fresh_start, check_resume_config,
+                                  record_attempt, run_dir_of)
 
 
 def checkpoint_to_resume(cfg, ckpt_root: Path) -> Optional[Path]:
+    """The checkpoint this run continues, checked to belong to this config (run_folder)."""
     resume = cfg.trainer.resume
     if resume == "never":
+        check_fresh_start(ckpt_root, find_latest(ckpt_root) is not None)
         return None
     if resume == "auto":
-        return find_latest(ckpt_root)
+        path = find_latest(ckpt_root)
+    else:
+        try:
+            path = resolve_checkpoint(resume)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"trainer.resume: {exc}") from exc
+    if path is not None:
+        check_resume_config(path, read_run_state(path).get("config", {}), to_plain(cfg))
+    return path
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: Path, env) -> Iterator[None]:
+    """Rank 0 holds the run folder's lock for the run's lifetime; its verdict is broadcast,
+    so every rank stops with the same error when another job holds it."""
+    lock = RunLock(run_dir)
+    verdict = ("ok", None)
+    if env.is_main:
+        try:
+            verdict = ("ok", lock.acquire())
+        except RunFolderBusy as exc:
+            verdict = ("busy", str(exc))
+    verdict = comm.broadcast_object(verdict)
+    if verdict[0] == "busy":
+        raise RunFolderBusy(verdict[1])
+    if verdict[1] and env.is_main:
+        warnings.warn(verdict[1], stacklevel=3)
     try:
-        return resolve_checkpoint(resume)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"trainer.resume: {exc}") from exc
+        yield
+    finally:
+        if env.is_main:
+            lock.release()
 
 
 def seed_rank(seed: int, rank: int) -> None:
@@ -65,9 +95,7 @@ def train(cfg, local_rank: Optional[int] = None) -> Dict[str, Any]:
     Initialises the process group if none exists and leaves it for the caller to shut down."""
     env = detect_env(local_rank_arg=local_rank)
     device = init_distributed(env, cfg.dist.backend, cfg.dist.timeout_s)
-    t = cfg.trainer
     run_dir = run_dir_of(cfg)
-    ckpt_root = run_dir / "checkpoints"
     method = build_method(cfg, env, device)
     streams = {name: build_train_stream(getattr(cfg.data, name), cfg.data, env.rank, env.world_size,
                                         seed=cfg.run.seed, device=device, name=name)
@@ -76,9 +104,17 @@ def train(cfg, local_rank: Optional[int] = None) -> Dict[str, Any]:
     if cfg.data.val.shards:
         val_loader = build_eval_loader(cfg.data.val, cfg.data, env.rank, env.world_size, device, name="val")
     seed_rank(cfg.run.seed, env.rank)
+    # only once everything is built: a config that cannot start leaves no run folder
+    with run_folder_lock(run_dir, env):
+        return _train_locked(cfg, env, device, method, streams, val_loader, run_dir)
+
+
+def _train_locked(cfg, env, device, method, streams, val_loader, run_dir: Path) -> Dict[str, Any]:
+    t = cfg.trainer
+    ckpt_root = run_dir / "checkpoints"
     resume_from = checkpoint_to_resume(cfg, ckpt_root)
-    if env.is_main:  # only once everything built: a config that cannot start leaves no run folder
-        save_resolved(cfg, run_dir / "config.yaml")
+    if env.is_main:
+        record_attempt(run_dir, resolved_yaml(cfg))
     comm.barrier()
 
     start = 0
@@ -91,6 +127,9 @@ def train(cfg, local_rank: Optional[int] = None) -> Dict[str, Any]:
 
     images_per_iter = sum(s.batch_size for s in streams.values())
     monitor = Monitor(run_dir, env.is_main, start, t.max_iters, images_per_iter)
+    monitor.write(f"run folder {run_dir} | {env.world_size} rank(s), {comm.backend()} on {device.type} | "
+                  f"engine {cfg.engine.kind}, precision {autocast_dtype(cfg.engine.precision, device) or 'fp32'} "
+                  f"| method {cfg.method.name} | iterations {start}..{t.max_iters}")
     if resume_from is not None:
         monitor.write(f"resumed from {resume_from} at iteration {start}"
                       + (" (run already complete)" if start >= t.max_iters else ""))
@@ -109,14 +148,14 @@ def train(cfg, local_rank: Optional[int] = None) -> Dict[str, Any]:
         if evaluate_now or save_now:
             for engine in method.engines.values():
                 engine.sync_buffers()  # one model on every rank (see Engine.sync_buffers)
-        if evaluate_now:
-            last_eval = run_evaluation(method, val_loader, cfg, device, monitor, run_dir, it)
-        if save_now:
+        if save_now:  # before evaluating: an evaluation that fails must not cost the checkpoint
             save_checkpoint(ckpt_root, it, method.engines, method.modules,
                             {"method": cfg.method.name, "config": to_plain(cfg)},
                             {"streams": {n: s.state_dict() for n, s in streams.items()},
                              "method": method.state_dict()},
                             keep_last=t.keep_last)
+        if evaluate_now:
+            last_eval = run_evaluation(method, val_loader, cfg, device, monitor, run_dir, it)
     for stream in streams.values():
         stream.close()
     monitor.close()

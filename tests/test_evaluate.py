@@ -274,7 +274,7 @@ def test_predict_cityscapes_names_formats_sizes_and_score(two_ranks, data, weigh
         assert json.loads(js.read_text())["mIoU"] == pytest.approx(single.miou, abs=1e-12)
     from eglp_dist.score import score_folders
 
-    matrix, problems = score_folders(base / "pred1" / "trainid", gt)
+    matrix, problems, _ = score_folders(base / "pred1" / "trainid", gt)
     assert np.array_equal(matrix, single.confusion.numpy()) and not any(problems.values())
 
     # unlabelled test split: predictions at the original size of each image
@@ -310,7 +310,7 @@ def test_predict_acdc_and_dark_zurich_server_layouts(two_ranks, data, weights, o
     # `eglp score` picks the labels out of the submission's three folders; == evaluate()
     from eglp_dist.score import score_folders
 
-    matrix, problems = score_folders(out, base / "dz" / "gt")
+    matrix, problems, _ = score_folders(out, base / "dz" / "gt")
     single, _ = _evaluate_split(data["cfg"], data["shards"]["dz_val"], weights, 0, 1)
     assert np.array_equal(matrix, single.confusion.numpy()) and not any(problems.values())
 

@@ -68,7 +68,7 @@ def test_score_equals_a_direct_numpy_count(tmp_path, pred_enc, gt_enc, capsys):
     preds, gts = _random_case(rng)
     _write_case(tmp_path, preds, gts, pred_enc, gt_enc, rng)
     expected = _numpy_confusion(preds, gts)
-    matrix, problems = score_folders(tmp_path / "pred", tmp_path / "gt")
+    matrix, problems, _ = score_folders(tmp_path / "pred", tmp_path / "gt")
     assert np.array_equal(matrix, expected)
     assert not any(problems.values())
     assert cli_main(["score", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"),
@@ -86,17 +86,17 @@ def test_labelid_predictions_without_high_ids_are_read_like_their_folder(tmp_pat
     preds, gts = _random_case(rng, n=3)
     preds[1] = rng.choice([0, 1, 2], HW)  # -> labelIds 7, 8, 11 only
     _write_case(tmp_path, preds, gts, "labelid", "trainid", rng)
-    matrix, _ = score_folders(tmp_path / "pred", tmp_path / "gt")
+    matrix, _, _ = score_folders(tmp_path / "pred", tmp_path / "gt")
     assert np.array_equal(matrix, _numpy_confusion(preds, gts))
     # a folder of such files alone says nothing: read as trainIds (values 7, 8, 11 as trainIds)
     one = _numpy_confusion([TRAIN_TO_CITYSCAPES_ID[preds[1]].astype(np.int64)], [gts[1]])
     solo = tmp_path / "solo"
     _write(solo / "city_000001_000019_leftImg8bit.png", TRAIN_TO_CITYSCAPES_ID[preds[1]])
-    matrix, problems = score_folders(solo, tmp_path / "gt")
+    matrix, problems, _ = score_folders(solo, tmp_path / "gt")
     assert np.array_equal(matrix, one) and len(problems["missing_prediction"]) == 2
 
 
-def test_problems_are_listed_not_fatal(tmp_path, capsys):
+def test_partial_scores_are_errors_unless_allowed_and_always_listed(tmp_path, capsys):
     rng = np.random.default_rng(2)
     preds, gts = _random_case(rng, n=3)
     _write_case(tmp_path, preds, gts, "trainid", "trainid", rng)
@@ -110,10 +110,17 @@ def test_problems_are_listed_not_fatal(tmp_path, capsys):
     # companions of real label folders are not samples
     _write(gt / "city_000000_000019_gtFine_color.png", np.zeros(HW + (3,)))
     Image.fromarray(np.zeros(HW, np.uint16)).save(gt / "city_000000_000019_gtFine_instanceIds.png")
-    rc = cli_main(["score", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"),
-                   "--json", str(tmp_path / "s.json")])
-    err = capsys.readouterr().err
+    args = ["score", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--json",
+            str(tmp_path / "s.json")]
+    assert cli_main(args) == 2  # a partial score is not the split's score unless asked for
+    captured = capsys.readouterr()
+    assert "only 3 of 6 label images" in captured.err and "--allow-missing" in captured.err
+    assert "mIoU" not in captured.out and not (tmp_path / "s.json").exists()
+    rc = cli_main(args + ["--allow-missing"])
+    captured = capsys.readouterr()
+    err = captured.err
     assert rc == 0
+    assert "images scored: 3 of 6 label images" in captured.out and "PARTIAL" in captured.out
     assert "missing prediction: 1" in err and "city_000007_000019_gtFine_labelTrainIds.png" in err
     assert "size mismatch: 1" in err and "(40, 20)" in err and "(40, 24)" in err
     assert "unreadable: 1" in err and "expected a single-channel id image" in err
@@ -148,3 +155,18 @@ def test_sample_keys(name, key):
     from pathlib import Path
 
     assert sample_key(Path(name)) == key
+
+
+def test_a_key_shared_by_two_label_files_is_an_error(tmp_path, capsys):
+    """ACDC's train/ and val/ repeat file names: --gt above both must not score whichever
+    label sorts first (it silently gave 1.50 mIoU instead of 2.34)."""
+    _write(tmp_path / "gt" / "train" / "GP010476_frame_000098_gt_labelTrainIds.png", np.zeros(HW))
+    _write(tmp_path / "gt" / "val" / "GP010476_frame_000098_gt_labelTrainIds.png", np.ones(HW))
+    _write(tmp_path / "pred" / "GP010476_frame_000098_rgb_anon.png", np.ones(HW))
+    for extra in ([], ["--allow-missing"]):
+        assert cli_main(["score", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "ambiguous label: 1" in err and "name two or more files" in err
+        assert str(tmp_path / "gt" / "train") in err and str(tmp_path / "gt" / "val") in err
+    assert cli_main(["score", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt" / "val")]) == 0
+    assert "images scored: 1 of 1 label images" in capsys.readouterr().out

@@ -79,6 +79,21 @@ def _train_pipeline(feed, batch_size: int, decoder: str, device_id, threads: int
     return p
 
 
+def decode_error(exc: Exception, plans) -> DataError:
+    """A DALI failure as a DataError naming the sample: the first planned image that PIL
+    cannot decode either (DALI's own message names neither shard nor key)."""
+    from eglp_dist.data.codecs import BadSample, load_rgb
+
+    for p in plans:
+        try:
+            load_rgb(p.image, p.origin)
+        except BadSample as bad:
+            return DataError(str(bad))
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    names = ", ".join(p.origin for p in plans) or "an unknown sample"
+    return DataError(f"DALI failed on a batch of {names}: {first}")
+
+
 class DaliTrainProducer:
     """Batches of a TrainStream from a DALI pipeline fed by planned samples."""
 
@@ -110,7 +125,10 @@ class DaliTrainProducer:
         return data, starts, ends, sizes
 
     def get(self, step: int) -> dict:
-        (images,) = self.pipe.run()
+        try:
+            (images,) = self.pipe.run()
+        except RuntimeError as exc:
+            raise decode_error(exc, self.plans.get(step, [])) from None
         plans = self.plans.pop(step)
         batch = {"img": to_torch(images, self.device), "meta": [p.meta for p in plans]}
         if self.source.with_labels:
@@ -165,7 +183,12 @@ def iter_eval_dali(loader) -> Iterator[dict]:
     pipe = _eval_pipeline(loader, decoder, device_id, loader.with_labels)
     try:
         for index in loader.indices:
-            outs = pipe.run()
+            try:
+                outs = pipe.run()
+            except RuntimeError as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise DataError(f"{loader.manifest.origin(index)}: DALI cannot decode this evaluation sample "
+                                f"({first})") from None
             meta = json.loads(np.array(outs[1][0]).tobytes())
             expected = loader.manifest.sample(index)["key"]
             if meta["key"] != expected:  # DALI's sharding must equal shards.eval_range
@@ -176,7 +199,7 @@ def iter_eval_dali(loader) -> Iterator[dict]:
             if loader.with_labels:
                 seg = np.array(outs[2][0])
                 if seg.ndim != 3 or seg.shape[2] != 1:
-                    raise DataError(f"{meta['key']}.{SEG_EXT}: label decoded with shape "
+                    raise DataError(f"{loader.manifest.origin(index)}.{SEG_EXT}: label decoded with shape "
                                     f"{seg.shape}, expected one channel")
                 batch["seg"] = torch.from_numpy(seg[..., 0].copy()).to(loader.device).long()[None]
             yield batch

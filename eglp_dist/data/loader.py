@@ -34,7 +34,7 @@ from eglp_dist.data.augment import Augmenter, Geometry
 from eglp_dist.data.codecs import BadSample, decode_seg
 from eglp_dist.data.config import check_data_config, check_stream
 from eglp_dist.data.sampling import Pick, build_sampler, min_class_pixels
-from eglp_dist.data.shards import SEG_EXT, Manifest, ShardReader, eval_range, image_ext
+from eglp_dist.data.shards import SEG_EXT, eval_range, image_ext, open_shards
 from eglp_dist.errors import ConfigError, DataError
 
 
@@ -46,6 +46,7 @@ class Planned:
     geom: Geometry
     seg: Optional[np.ndarray]  # uint8 [pad_hw], flipped and padded (None if unlabelled)
     meta: dict
+    origin: str  # '<shard>:<key>.<ext>' of the image, named by decode errors
 
 
 def stream_salt(name: str) -> int:
@@ -66,12 +67,14 @@ class SampleSource:
     def __init__(self, name: str, stream_cfg, rank: int, world_size: int, seed: int):
         if not stream_cfg.shards:
             raise ConfigError(f"data.{name}.shards: no shard folder set for stream {name!r}")
-        self.manifest = Manifest.load(stream_cfg.shards)
-        self.reader = ShardReader(self.manifest)
+        self.reader = open_shards(stream_cfg.shards)
+        self.manifest = self.reader.manifest
         self.with_labels = bool(stream_cfg.with_labels)
         if self.with_labels and not self.manifest.labelled:
             raise ConfigError(f"data.{name}.with_labels: {stream_cfg.shards} has no labels "
                               f"(packed from an unlabelled split); set with_labels=false")
+        if self.with_labels:
+            self.reader.require(SEG_EXT)
         self.name, self.rank, self.seed, self.salt = name, rank, seed, stream_salt(name)
         self.batch_size = int(stream_cfg.batch_size)
         self.sampler = build_sampler(stream_cfg.sampling, self.manifest.data, self.batch_size,
@@ -87,12 +90,10 @@ class SampleSource:
         comps = self.reader.read(pick.index)
         info = self.manifest.sample(pick.index)
         label = None
+        origin = self.reader.origin(pick.index)
         if self.with_labels:
-            if SEG_EXT not in comps:
-                raise DataError(f"{self.manifest.shard_paths[info['shard']]}: sample "
-                                f"{info['key']} has no {SEG_EXT}")
             try:
-                label = decode_seg(comps[SEG_EXT], f"{info['key']}.{SEG_EXT}")
+                label = decode_seg(comps[SEG_EXT], f"{origin}.{SEG_EXT}")
             except BadSample as exc:
                 raise DataError(str(exc)) from None
         w, h = info["size"]
@@ -102,7 +103,8 @@ class SampleSource:
                 "ori_shape": [h, w], "step": step, **geom.to_meta()}
         if pick.cls >= 0:
             meta["sampled_class"] = pick.cls
-        return Planned(comps[image_ext(comps)], geom, seg, meta)
+        ext = image_ext(comps)
+        return Planned(comps[ext], geom, seg, meta, f"{origin}.{ext}")
 
 
 class Prefetcher:
@@ -257,9 +259,14 @@ class EvalLoader:
             raise ConfigError(f"data.{name}.shards: no shard folder set for stream {name!r}")
         check_stream(stream_cfg, f"data.{name}")
         self.name, self.rank, self.world_size = name, rank, world_size
-        self.manifest = Manifest.load(stream_cfg.shards)
-        self.indices = eval_range(len(self.manifest), rank, world_size)
+        # opened (validated) now, though read sequentially later: see shards.open_shards
+        reader = open_shards(stream_cfg.shards)
+        self.manifest = reader.manifest
         self.with_labels = bool(stream_cfg.with_labels) and self.manifest.labelled
+        if self.with_labels:
+            reader.require(SEG_EXT)
+        reader.close()
+        self.indices = eval_range(len(self.manifest), rank, world_size)
         self.img_scale = list(stream_cfg.img_scale) if stream_cfg.img_scale is not None else None
         self.data_cfg, self.device = data_cfg, torch.device(device)
         self.backend = data_cfg.backend

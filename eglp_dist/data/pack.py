@@ -12,13 +12,11 @@ goes to a temporary folder that is renamed to ``--out`` only when all of it is w
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
-import os
 import re
-import shutil
 import sys
-import time
 import zlib
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -29,7 +27,9 @@ from eglp_dist.data import labels as L
 from eglp_dist.data import shards as S
 from eglp_dist.data.codecs import BadSample, encode_jpeg, encode_png, load_image, load_label
 from eglp_dist.data.layouts import Pair, get_layout
+from eglp_dist.atomic import atomic_dir
 from eglp_dist.errors import DataError
+from eglp_dist.interrupt import worker_signals
 
 _KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
 _MAX_KEY = 80  # KEY + ".seg.png" stays far below tar's 100-byte name field
@@ -92,8 +92,43 @@ def _worker(job):
         return False, (str(job[0].rel), str(exc))
 
 
-def _temp_dir(out: Path) -> Path:
-    return out.parent / f".{out.name}.tmp-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
+def check_output(out: Path, root: Path, overwrite: bool) -> None:
+    """Refuse an ``--out`` whose replacement could destroy data: one that is, holds or lies
+    inside the dataset root, or an existing path that is not a shard folder of ours."""
+    o, r = out.resolve(), root.resolve()
+    if o == r or r in o.parents or o in r.parents:
+        rel = "is" if o == r else ("lies inside" if r in o.parents else "contains")
+        raise DataError(f"--out {out} {rel} the dataset root {root}: shards must go to a folder "
+                        f"of their own (e.g. shards/<dataset>/<split>)")
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not overwrite:
+        raise DataError(f"{out}: output folder exists (remove it or pass --overwrite)")
+    if not out.is_dir() or out.is_symlink():
+        raise DataError(f"{out}: exists and is not a folder; --overwrite replaces only a shard "
+                        f"folder written by `eglp pack`")
+    if not S.is_shard_folder(out):
+        raise DataError(f"{out}: not a shard folder written by `eglp pack` (no {S.MANIFEST} of "
+                        f"format {S.FORMAT}); --overwrite refuses to replace it")
+
+
+@contextlib.contextmanager
+def _encoded(jobs, workers: int):
+    """Encoded samples in job order, from a process pool when ``workers > 1``; the pool is
+    terminated however the block is left (an error, Ctrl-C, SIGTERM)."""
+    if workers <= 1:
+        yield map(_worker, jobs)
+        return
+    # fork is fast; but never fork a process whose DALI threads are running (16-bit labels
+    # decode with DALI in the workers): spawn then.
+    method = "spawn" if "nvidia.dali.backend_impl" in sys.modules else "fork"
+    pool = mp.get_context(method).Pool(workers, initializer=worker_signals)
+    try:
+        yield pool.imap(_worker, jobs, chunksize=4)
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
 
 
 def pack(dataset: str, root, split: str, out, shard_size: int = 1000, image_format: str = "jpg",
@@ -111,10 +146,8 @@ def pack(dataset: str, root, split: str, out, shard_size: int = 1000, image_form
     if shard_size < 1:
         raise DataError(f"--shard-size must be >= 1, got {shard_size}")
     layout = get_layout(dataset)
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise DataError(f"{out}: output folder exists (remove it or pass --overwrite)")
-    root = Path(root)
+    out, root = Path(out), Path(root)
+    check_output(out, root, overwrite)
     pairs = layout.find(root, split)
     order = np.random.default_rng(seed).permutation(len(pairs))  # shuffled at pack time
     pairs = [pairs[i] for i in order]
@@ -125,38 +158,15 @@ def pack(dataset: str, root, split: str, out, shard_size: int = 1000, image_form
                     "dataset": dataset, "split": split}, image_format, quality)
             for p, k in zip(pairs, keys)]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_dir(out)
-    tmp.mkdir()
-    pool = None
-    try:
-        if workers > 1:
-            # fork is fast; but never fork a process whose DALI threads are running (16-bit
-            # labels decode with DALI in the workers): spawn then.
-            method = "spawn" if "nvidia.dali.backend_impl" in sys.modules else "fork"
-            pool = mp.get_context(method).Pool(workers)
-            results = pool.imap(_worker, jobs, chunksize=4)
-        else:
-            results = map(_worker, jobs)
+    with atomic_dir(out) as tmp, _encoded(jobs, workers) as results:
         if progress:
-            from tqdm import tqdm
-            results = tqdm(results, total=len(jobs), desc=f"pack {dataset}/{split}", unit="img")
+            from eglp_dist.progress import progress as show_progress
+            results = show_progress(results, total=len(jobs), desc=f"pack {dataset}/{split}", unit="img")
         manifest = _write(results, tmp, dataset, split, shard_size, labelled, skip_bad)
         manifest["root"] = str(root.resolve())
         manifest["image_format"] = image_format
         manifest["seed"] = seed
         (tmp / S.MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if pool is not None:
-            pool.close()
-            pool.join()
-            pool = None
-        _commit(tmp, out)
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 
@@ -201,17 +211,6 @@ def _write(results, tmp: Path, dataset: str, split: str, shard_size: int, labell
         "shards": shards, "class_pixels": class_pixels.tolist(), "samples": samples,
         "sample_class_pixels": per_sample, "skipped": skipped,
     }
-
-
-def _commit(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place (replacing an old one only at the very end)."""
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, trash)
-        os.rename(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
 
 
 def run_cli(args) -> int:

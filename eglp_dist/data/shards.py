@@ -37,6 +37,15 @@ def shard_name(dataset: str, split: str, index: int) -> str:
     return f"{dataset}-{split}-{index:06d}.tar"
 
 
+def is_shard_folder(folder) -> bool:
+    """A folder ``eglp pack`` wrote: its manifest parses and names our format. The test
+    before anything replaces a folder (``pack --overwrite``)."""
+    try:
+        return json.loads((Path(folder) / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def split_name(name: str) -> Tuple[str, str]:
     """'KEY.seg.png' -> ('KEY', 'seg.png'): the extension starts at the first dot of the
     basename, as in DALI's wds2idx and the webdataset library."""
@@ -155,6 +164,11 @@ class Manifest:
     def sample(self, i: int) -> dict:
         return self.data["samples"][i]
 
+    def origin(self, i: int) -> str:
+        """'<shard path>:<key>' of sample i, for error messages."""
+        info = self.data["samples"][i]
+        return f"{self.folder / self.data['shards'][info['shard']]['path']}:{info['key']}"
+
 
 def eval_range(num_samples: int, rank: int, world_size: int) -> range:
     """Samples rank ``rank`` evaluates: the contiguous part DALI's readers give shard_id=rank
@@ -163,19 +177,62 @@ def eval_range(num_samples: int, rank: int, world_size: int) -> range:
 
 
 class ShardReader:
-    """Random access to sample i's components by offset (thread-safe: ``os.pread``)."""
+    """Random access to sample i's components by offset (thread-safe: ``os.pread``).
+
+    Opening checks each shard against the manifest before anything is read: the index must
+    list the manifest's keys in the manifest's order, and the tar must hold, at the offsets
+    of its first and last sample, the members the index names. So a ``.tar``/``.idx`` pair
+    swapped with another shard's (or a tar swapped under its index) fails here, naming the
+    shard, instead of feeding rare class sampling statistics of other images.
+    """
 
     def __init__(self, manifest: Manifest):
         self.manifest = manifest
         self._where: List[Tuple[int, Dict[str, Tuple[int, int, str]]]] = []
+        expected = [[] for _ in manifest.data["shards"]]
+        for s in manifest.data["samples"]:
+            expected[s["shard"]].append(s["key"])
         for si, (idx_path, entry) in enumerate(zip(manifest.index_paths, manifest.data["shards"])):
             samples = read_idx(idx_path)
             if len(samples) != entry["num_samples"]:
                 raise DataError(f"{idx_path}: {len(samples)} samples, manifest says "
                                 f"{entry['num_samples']}")
+            keys = [split_name(next(iter(c.values()))[2])[0] for c in samples]
+            if keys != expected[si]:
+                bad = next(i for i, (a, b) in enumerate(zip(keys, expected[si])) if a != b) \
+                    if len(keys) == len(expected[si]) else 0
+                raise DataError(f"{idx_path}: sample {bad} is {keys[bad] if keys else None!r} but "
+                                f"{manifest.folder / MANIFEST} lists {expected[si][bad] if expected[si] else None!r} "
+                                f"there: this index belongs to another shard (files swapped or "
+                                f"replaced after packing?)")
             self._where.extend((si, s) for s in samples)
         self._fds: Dict[int, int] = {}
         self._lock = threading.Lock()
+        for si in range(len(manifest.data["shards"])):
+            self._check_members(si)
+
+    def _check_members(self, shard: int) -> None:
+        """The tar headers before the first and last sample's members name those members."""
+        entries = [c for si, c in self._where if si == shard]
+        for comps in (entries[:1] + entries[-1:]) if entries else []:
+            off, _, name = next(iter(comps.values()))
+            header = os.pread(self._fd(shard), 512, off - 512)
+            found = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+            if found != name:
+                raise DataError(f"{self.manifest.shard_paths[shard]}: holds {found!r} where its index "
+                                f"{self.manifest.index_paths[shard].name} expects {name!r} (tar and "
+                                f"index do not belong together)")
+
+    def require(self, ext: str) -> "ShardReader":
+        """DataError naming the shard and the first sample without component ``ext``."""
+        lacking = [i for i, (_, comps) in enumerate(self._where) if ext not in comps]
+        if lacking:
+            raise DataError(f"{self.origin(lacking[0])}: sample has no {ext} ({len(lacking)} of "
+                            f"{len(self._where)} samples in {self.manifest.folder} lack it)")
+        return self
+
+    def origin(self, i: int) -> str:
+        return self.manifest.origin(i)
 
     def __len__(self) -> int:
         return len(self._where)
@@ -219,6 +276,14 @@ class ShardReader:
             self.close()
         except Exception:
             pass
+
+
+def open_shards(folder) -> ShardReader:
+    """The one way a loader opens a shard folder: manifest loaded and validated, every shard
+    checked against it (:class:`ShardReader`). Every stream, training and evaluation, opens
+    its folder with this at start-up, so bad data stops a run before its first step, not at
+    its first evaluation."""
+    return ShardReader(Manifest.load(folder))
 
 
 def image_ext(components) -> str:

@@ -35,9 +35,11 @@ from PIL import Image
 
 from eglp_dist.data import labels as L
 from eglp_dist.data.layouts import Layout, default_splits, get_layout
+from eglp_dist.atomic import write_bytes_atomic
 from eglp_dist.errors import DataError
 
 STYLES = ("day", "night", "fog", "rain", "game")
+MIN_SIZE = 32  # pixels per side: the scene geometry (horizon, lanes, objects) needs room
 C = L.CLASS_INDEX
 ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE = (C["road"], C["sidewalk"], C["building"], C["wall"],
                                               C["fence"], C["pole"])
@@ -588,22 +590,23 @@ def write_dataset(layout_name: str, out_dir, n: int = 40, splits: Optional[Seque
         raise DataError(f"unknown synthetic style {style!r} (known: {', '.join(STYLES)})")
     if n < 1:
         raise DataError(f"--n must be >= 1, got {n}")
+    if len(size) != 2 or min(size) < MIN_SIZE:
+        raise DataError(f"--size must be two numbers W H, each >= {MIN_SIZE}, got "
+                        f"{' '.join(map(str, size))}")
     root = Path(out_dir)
     written: Dict[str, List[Path]] = {}
     todo = [(s, i) for s in (list(splits) if splits else default_splits(layout)) for i in range(n)]
     if progress:
-        from tqdm import tqdm
-        todo = tqdm(todo, desc=f"synth {layout_name}", unit="img")
+        from eglp_dist.progress import progress as show_progress
+        todo = show_progress(todo, total=len(todo), desc=f"synth {layout_name}", unit="img")
     for split, i in todo:
         layout.split_dir(split)  # validates the split name
         img, lab = sample(seed, split, i, tuple(size), style, shift)
         group = layout.synth_groups[i % len(layout.synth_groups)]
         img_path, label_paths = layout.write_paths(root, split, group, i)
-        img_path.parent.mkdir(parents=True, exist_ok=True)
-        img_path.write_bytes(encode_image(img, img_path))
+        write_bytes_atomic(img_path, encode_image(img, img_path))
         for path, enc in label_paths:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(encode_label(lab, enc))
+            write_bytes_atomic(path, encode_label(lab, enc))
         written.setdefault(split, []).append(img_path)
     return written
 

@@ -53,7 +53,7 @@ class PilTrainProducer:
 
     def _sample(self, step: int, slot: int):
         p = self.source.plan(step, slot)
-        return resample(p.image, p.geom.box, p.geom.out_hw, p.geom.flip, p.meta["key"]), p
+        return resample(p.image, p.geom.box, p.geom.out_hw, p.geom.flip, p.origin), p
 
     def get(self, step: int) -> dict:
         results = self.prefetch.get(step)
@@ -94,12 +94,17 @@ def iter_eval_wds(loader) -> Iterator[dict]:
                                 f"{meta['key']}")
             w, h = meta["size"]
             geom = eval_geometry((h, w), loader.img_scale)
-            arr = resample(sample[image_ext(sample)], geom.box, geom.out_hw, False, meta["key"])
+            origin = f"{sample['__url__']}:{meta['key']}"
+            ext = image_ext(sample)
+            arr = resample(sample[ext], geom.box, geom.out_hw, False, f"{origin}.{ext}")
             img = torch.zeros((1, 3) + tuple(geom.out_hw), dtype=torch.float32, device=loader.device)
             batch = {"img": normalise_into(img, [arr], mean, std),
                      "meta": [loader.meta(index, meta, geom.out_hw)]}
             if loader.with_labels:
-                seg = decode_seg(sample[SEG_EXT], f"{meta['key']}.{SEG_EXT}")
+                try:
+                    seg = decode_seg(sample[SEG_EXT], f"{origin}.{SEG_EXT}")
+                except BadSample as exc:
+                    raise DataError(str(exc)) from None
                 batch["seg"] = torch.from_numpy(seg.copy()).to(loader.device).long()[None]
             yield batch
         index += 1

@@ -31,6 +31,7 @@ import torch
 
 from eglp_dist.atomic import torch_save_atomic
 from eglp_dist.dist import comm
+from eglp_dist.errors import DataError
 
 COMPLETE = "COMPLETE"  # marker file, written last
 LATEST = "latest"
@@ -128,21 +129,45 @@ def resolve_checkpoint(path: os.PathLike | str) -> Path:
     return latest
 
 
+def read_file(path: os.PathLike | str, map_location="cpu") -> Any:
+    """``torch.load`` of one checkpoint file; a missing, truncated or corrupt file raises
+    DataError naming it (torch's own errors, ``EOFError`` or ``OSError: [Errno 22]``, do not)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: checkpoint file missing")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - unpickling and zip errors come in many types
+        raise DataError(f"{path}: checkpoint file is truncated or corrupt "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def read_run_state(path: os.PathLike | str) -> Dict[str, Any]:
+    """The run-wide state of a checkpoint (step, method name, resolved config)."""
+    return read_file(Path(path) / "state.pt")
+
+
 def load_checkpoint(path: os.PathLike | str, engines: Mapping[str, Any],
                     modules: Mapping[str, torch.nn.Module], restore_rng_state: bool = True):
     """Collective. Loads engines and modules in place; returns (state, rank_state).
     A run resumed on a different world size gets rank 0's per-rank state if its own is absent."""
     path = resolve_checkpoint(path)
     for name, engine in engines.items():
-        engine.load(path / "engines" / name)
-    module_states = torch.load(path / "modules.pt", map_location="cpu", weights_only=False)
+        try:
+            engine.load(path / "engines" / name)
+        except DataError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - DeepSpeed's loader raises many types
+            raise DataError(f"{path / 'engines' / name}: cannot load engine {name!r} "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    module_states = read_file(path / "modules.pt")
     for name, module in modules.items():
         module.load_state_dict(module_states[name])
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    state = read_run_state(path)
     rank_file = path / f"rank_{comm.rank():05d}.pt"
     if not rank_file.is_file():
         rank_file = path / "rank_00000.pt"
-    rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+    rank_state = read_file(rank_file)
     if restore_rng_state:
         restore_rng(rank_state["rng"])
     return state, rank_state

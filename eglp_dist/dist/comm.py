@@ -25,6 +25,11 @@ def rank() -> int:
     return tdist.get_rank() if is_distributed() else 0
 
 
+def backend() -> str:
+    """The process group's backend (gloo, nccl), or 'none' in a single process."""
+    return str(tdist.get_backend()) if is_distributed() else "none"
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """In-place SUM across ranks; returns the tensor. Integer tensors stay exact."""
     if is_distributed() and world_size() > 1:

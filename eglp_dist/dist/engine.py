@@ -31,6 +31,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from eglp_dist.dist import comm
+from eglp_dist.dist.checkpoint import read_file
 from eglp_dist.dist.env import DistEnv
 from eglp_dist.optim import build_optimizer, build_scheduler
 
@@ -197,7 +198,7 @@ class DDPEngine(Engine):
                        path / ENGINE_FILE)
 
     def load(self, path: Path) -> None:
-        state = torch.load(path / ENGINE_FILE, map_location=self.device, weights_only=False)
+        state = read_file(path / ENGINE_FILE, map_location=self.device)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -290,7 +291,7 @@ def export_fp32(engine_dir: os.PathLike | str) -> Dict[str, torch.Tensor]:
     engine wrote it, without starting any process group."""
     engine_dir = Path(engine_dir)
     if (engine_dir / ENGINE_FILE).is_file():
-        state = torch.load(engine_dir / ENGINE_FILE, map_location="cpu", weights_only=False)["model"]
+        state = read_file(engine_dir / ENGINE_FILE)["model"]
     elif (engine_dir / DS_TAG).is_dir():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
