@@ -24,12 +24,13 @@ from eglp_dist.dist.env import free_port
 
 IMAGE_SIZE = (256, 128)  # W, H of the synthetic images
 NIGHT_SHIFT = 0.5  # half-strength night: a real gap that self-training can close
-DATASETS = [  # (layout, split, style, shift, train?, shard folder)
-    ("cityscapes", "train", "day", 1.0, True, "cityscapes_train"),
-    ("acdc", "train", "night", NIGHT_SHIFT, True, "acdc_night_train"),
-    ("acdc", "val", "night", NIGHT_SHIFT, False, "acdc_night_val"),
+N_TRAIN, N_VAL, N_PROMPT = 96, 24, 6
+DATASETS = [  # (layout, split, style, shift, images (None: n_train/n_val), shard folder)
+    ("cityscapes", "train", "day", 1.0, None, "cityscapes_train"),
+    ("acdc", "train", "night", NIGHT_SHIFT, None, "acdc_night_train"),
+    ("acdc", "val", "night", NIGHT_SHIFT, None, "acdc_night_val"),
+    ("prompt", "train", "night", NIGHT_SHIFT, N_PROMPT, "prompt_night"),  # PIG/EGLP's few labelled nights
 ]
-N_TRAIN, N_VAL = 96, 24
 
 
 def prepare_data(out: Path, seed: int = 0, n_train: int = N_TRAIN, n_val: int = N_VAL,
@@ -40,16 +41,16 @@ def prepare_data(out: Path, seed: int = 0, n_train: int = N_TRAIN, n_val: int = 
     from eglp_dist.data.synth import write_dataset
 
     shards = {}
-    for layout, split, style, shift, is_train, name in DATASETS:
-        n = n_train if is_train else n_val
+    for layout, split, style, shift, count, name in DATASETS:
+        n = count or (n_val if split == "val" else n_train)
         target = out / "shards" / name
         shards[name] = target
         if (target / "manifest.json").is_file():
             continue
         raw = out / "raw" / f"{layout}_{style}"
-        # Different content seeds for source and target: the target is other streets.
+        # Other content seeds for source, target and prompts: they show other streets.
         write_dataset(layout, raw, n=n, splits=[split], style=style, size=size,
-                      seed=seed + (0 if layout == "cityscapes" else 1), shift=shift)
+                      seed=seed + {"cityscapes": 0, "prompt": 2}.get(layout, 1), shift=shift)
         pack(layout, raw, split, target, shard_size=32, progress=False)
     return shards
 

@@ -55,6 +55,28 @@ def image_grid(visuals: Mapping[str, torch.Tensor], mean: Sequence[float], std: 
     return np.concatenate(row, axis=1)
 
 
+def check_same_keys(keys) -> None:
+    """Collective: every rank must log the same keys, since their values are reduced by
+    position. One two-number MAX reduction compares a digest of the key set; where ranks
+    differ, their key lists are gathered and the error names the keys that differ (on every
+    rank, so all of them stop alike instead of hanging or mixing up values)."""
+    import zlib
+
+    if comm.world_size() == 1:
+        return
+    digest = float(zlib.crc32("\n".join(keys).encode()) & 0xFFFFFF)  # exact in float32
+    both = comm.all_reduce_max(torch.tensor([digest, -digest]))
+    if both[0] == -both[1]:
+        return
+    lists = comm.all_gather_object(list(keys))
+    union = sorted(set().union(*map(set, lists)))
+    differing = [k for k in union if not all(k in l for l in lists)]
+    where = "; ".join(f"rank {r} lacks {', '.join(k for k in differing if k not in l)}"
+                      for r, l in enumerate(lists) if any(k not in l for k in differing))
+    raise RuntimeError(f"ranks logged different keys ({where}): every rank must log the same keys "
+                       f"every step, whatever its data (log a zero, not nothing)")
+
+
 class Monitor:
     """Rank 0 writes; every rank must call ``flush`` (it all-reduces)."""
 
@@ -89,6 +111,7 @@ class Monitor:
         """Collective: global averages since the last flush, written at iteration ``it`` (the
         number of iterations done). Returns them (on every rank)."""
         keys = sorted(self._sums)
+        check_same_keys(keys)
         values = {}
         if keys:
             vec = torch.stack([self._sums[k].reshape(()) for k in keys])

@@ -81,9 +81,11 @@ def test_score_cli_matches_independent_computation_and_reports_problems(tmp_path
     _write(tmp_path / "gt" / "city" / "c_000009_gtFine_labelIds.png", np.zeros((24, 40)))  # no prediction
     _write(tmp_path / "gt" / "city" / "c_000010_gtFine_labelIds.png", np.zeros((24, 40)))
     _write(tmp_path / "pred" / "c_000010_leftImg8bit.png", np.zeros((20, 40)))  # wrong size
-    out = subprocess.run([sys.executable, "-m", "eglp_dist", "score", "--pred", str(tmp_path / "pred"),
-                          "--gt", str(tmp_path / "gt"), "--json", str(tmp_path / "s.json")],
-                         capture_output=True, text=True)
+    args = [sys.executable, "-m", "eglp_dist", "score", "--pred", str(tmp_path / "pred"),
+            "--gt", str(tmp_path / "gt"), "--json", str(tmp_path / "s.json")]
+    refused = subprocess.run(args, capture_output=True, text=True)
+    assert refused.returncode == 2 and "only 3 of 5 label images" in refused.stderr
+    out = subprocess.run(args + ["--allow-missing"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "missing prediction: 1" in out.stderr and "c_000009" in out.stderr
     assert "size mismatch: 1" in out.stderr

@@ -20,13 +20,14 @@ from eglp_dist.errors import ConfigError
 
 
 BACKENDS = ("dali", "wds")  # DALI decode/resize/normalise | PIL + numpy threads (+ webdataset)
-SAMPLING = ("uniform", "rcs", "class_uniform")
+SAMPLING = ("uniform", "random", "rcs", "class_uniform")
 DECODE_DEVICES = ("auto", "cpu", "mixed")  # auto: 'mixed' (nvJPEG) when CUDA is in use, else cpu
 
 
 @dataclass
 class SamplingConfig:
     # uniform: every sample once per epoch (a global permutation), disjoint across ranks;
+    # random: uniformly with replacement (PIG's prompt images);
     # rcs: DAFormer rare class sampling; class_uniform: RobustNet/SPN class-uniform crops
     mode: str = choice("uniform", SAMPLING)
     rcs_temperature: float = positive(0.01)  # DAFormer: P(c) = softmax((1 - f_c) / T)
@@ -98,7 +99,7 @@ def check_stream(cfg, key: str) -> None:
     mode = s.mode
     if mode not in SAMPLING:
         bad("sampling.mode", f"must be one of {list(SAMPLING)}, got {mode!r}")
-    if mode != "uniform" and not cfg.with_labels:
+    if mode not in ("uniform", "random") and not cfg.with_labels:
         bad("sampling.mode", f"{mode} needs labels but with_labels is false")
     if s.rcs_temperature <= 0:
         bad("sampling.rcs_temperature", f"must be > 0, got {s.rcs_temperature}")

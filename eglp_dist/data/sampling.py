@@ -66,6 +66,20 @@ class UniformSampler:
         return Pick(int(self._perm(epoch)[pos]))
 
 
+class RandomSampler:
+    """Uniformly at random with replacement, each pick from its own (seed, rank, step, slot)
+    RNG: PIG's draw of one prompt image per batch slot from a handful of them (an epoch
+    permutation over 6 images would make ranks and steps repeat in lock-step)."""
+
+    def __init__(self, num_samples: int):
+        if num_samples < 1:
+            raise DataError("cannot sample from an empty manifest")
+        self.n = num_samples
+
+    def pick(self, step: int, slot: int, rng: np.random.Generator) -> Pick:
+        return Pick(int(rng.integers(self.n)))
+
+
 class RareClassSampler:
     """DAFormer RCS: draw c ~ P(c), then an image with > min_pixels of c (the crop is then
     retried by the augmenter until it holds enough of c). Classes with no such image are
@@ -121,6 +135,8 @@ def build_sampler(sampling_cfg, manifest_data: dict, batch_size: int, rank: int,
     uniform = UniformSampler(n, batch_size, rank, world_size, seed, salt)
     if mode == "uniform":
         return uniform
+    if mode == "random":
+        return RandomSampler(n)
     if not manifest_data["labelled"]:
         raise DataError(f"{mode} sampling needs labels; {manifest_data['dataset']}/"
                         f"{manifest_data['split']} was packed without them")

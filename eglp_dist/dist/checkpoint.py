@@ -24,7 +24,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -32,6 +32,18 @@ import torch
 from eglp_dist.atomic import torch_save_atomic
 from eglp_dist.dist import comm
 from eglp_dist.errors import DataError
+
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """What a checkpoint holds beside the engines (EMA teachers, memory banks): anything
+    that gives and takes its state; identical on every rank (saved by rank 0)."""
+
+    def state_dict(self) -> Dict[str, Any]: ...
+
+    def load_state_dict(self, state: Dict[str, Any]) -> Any: ...
+
 
 COMPLETE = "COMPLETE"  # marker file, written last
 LATEST = "latest"
@@ -58,7 +70,7 @@ def checkpoint_name(step: int) -> str:
 
 
 def save_checkpoint(ckpt_root: os.PathLike | str, step: int, engines: Mapping[str, Any],
-                    modules: Mapping[str, torch.nn.Module], state: Mapping[str, Any],
+                    modules: Mapping[str, Stateful], state: Mapping[str, Any],
                     rank_state: Mapping[str, Any], keep_last: int = 3) -> Path:
     """Collective: call on every rank with the same `step`. Returns the final folder."""
     root = Path(ckpt_root)
@@ -148,7 +160,7 @@ def read_run_state(path: os.PathLike | str) -> Dict[str, Any]:
 
 
 def load_checkpoint(path: os.PathLike | str, engines: Mapping[str, Any],
-                    modules: Mapping[str, torch.nn.Module], restore_rng_state: bool = True):
+                    modules: Mapping[str, Stateful], restore_rng_state: bool = True):
     """Collective. Loads engines and modules in place; returns (state, rank_state).
     A run resumed on a different world size gets rank 0's per-rank state if its own is absent."""
     path = resolve_checkpoint(path)

@@ -9,6 +9,7 @@ from eglp_dist.errors import ConfigError
 METHODS = {
     "source_only": "eglp_dist.methods.source_only:SourceOnly",
     "uda": "eglp_dist.methods.uda:UDA",
+    "pig": "eglp_dist.methods.pig:PIG",
 }
 PLANNED = {"eglp": "EGLP (RCM, DNIS, FIS with NFNet, DMS)", "spn": "SPN (hybrid prompts)"}
 

@@ -3,8 +3,10 @@
 A ``Method`` owns everything that learns or draws random numbers:
 
 * ``engines``: optimised models (DDP or DeepSpeed), checkpointed in their own format;
-* ``modules``: plain modules beside them that change during training (EMA teachers),
-  checkpointed from rank 0 (they are identical on every rank);
+* ``modules``: what changes during training beside them (EMA teachers; EGLP's memory bank),
+  each following the small :class:`~eglp_dist.dist.checkpoint.Stateful` protocol
+  (``state_dict``/``load_state_dict``, not necessarily an ``nn.Module``), checkpointed from
+  rank 0 (identical on every rank);
 * ``generator``: the one ``torch.Generator`` behind every random choice the recipe makes
   (ClassMix classes, jitter, blur, HRDA detail boxes, MIC masks), seeded per rank and saved
   per rank, so a resumed run draws exactly what the uninterrupted one would have drawn.
@@ -20,6 +22,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from eglp_dist.dist.checkpoint import Stateful
 from eglp_dist.dist.engine import Engine, build_engine
 from eglp_dist.dist.env import DistEnv
 from eglp_dist.models import build_segmentor
@@ -39,7 +42,7 @@ class Method:
     def __init__(self, cfg, env: DistEnv, device: torch.device):
         self.cfg, self.env, self.device = cfg, env, device
         self.engines: Dict[str, Engine] = {}
-        self.modules: Dict[str, nn.Module] = {}
+        self.modules: Dict[str, Stateful] = {}
         self.generator = torch.Generator().manual_seed(method_seed(cfg.run.seed, env.rank))
         self.mean = list(cfg.data.mean)
         self.std = list(cfg.data.std)
@@ -49,11 +52,16 @@ class Method:
         torch.manual_seed(cfg.run.seed)
         self.student = self.add_engine("student", build_segmentor(cfg.model))
 
-    def add_engine(self, name: str, model: nn.Module) -> Engine:
-        o = self.cfg.optim
+    def add_engine(self, name: str, model: nn.Module, optim_cfg=None, schedule_cfg=None,
+                   engine_cfg=None) -> Engine:
+        """A trained network as an engine with its own optimiser, schedule and wrapper
+        settings (default: the run's top-level ``optim``/``schedule``/``engine`` nodes)."""
+        o = optim_cfg if optim_cfg is not None else self.cfg.optim
         groups = model.param_groups(o.lr, o.weight_decay, o.head_lr_mult)
-        engine = build_engine(name, model, groups, o, self.cfg.schedule, self.cfg.trainer.max_iters,
-                              self.cfg.engine, self.env, self.device)
+        engine = build_engine(name, model, groups, o,
+                              schedule_cfg if schedule_cfg is not None else self.cfg.schedule,
+                              self.cfg.trainer.max_iters,
+                              engine_cfg if engine_cfg is not None else self.cfg.engine, self.env, self.device)
         self.engines[name] = engine
         return engine
 

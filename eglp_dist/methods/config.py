@@ -10,7 +10,7 @@ ratio 0.7, loss weight 1; off by default as in HRDA).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from eglp_dist.config_fields import choice, non_negative, positive
 
@@ -27,6 +27,8 @@ class PseudoLabelConfig:
     threshold: float = positive(0.968)  # confidence weight = share of pixels with max prob >= this
     ignore_top: int = non_negative(0)  # rows at the top of the target crop weighted 0 (DAFormer: 15)
     ignore_bottom: int = non_negative(0)  # rows at the bottom weighted 0 (DAFormer: 120, the ego car; HRDA GTA->CS: 240)
+    ignore_left: int = non_negative(0)  # columns at the left weighted 0 (PIG: 30)
+    ignore_right: int = non_negative(0)  # columns at the right weighted 0 (PIG: 30)
 
 
 @dataclass
@@ -56,11 +58,46 @@ class MaskingConfig:
     color_aug: bool = True  # MIC jitters/blurs the target before masking
 
 
+# PIG keeps the UDA teacher's label where it predicts one of these (traffic light, traffic
+# sign, bus, train, motorcycle, bicycle): small or rare classes NFNet's few prompts rarely hold.
+PIG_PROTECTED = [6, 7, 15, 16, 17, 18]
+
+
+@dataclass
+class NFNetConfig:
+    """PIG's Night-Focused Network: a second segmentor (a second engine, with its own EMA
+    teacher) trained on night images only. Its ``model``/``optim``/``schedule``/``engine``
+    nodes hold overrides of the student's top-level nodes (empty: the student's settings)."""
+    enabled: bool = True
+    model: Dict[str, Any] = field(default_factory=dict)
+    optim: Dict[str, Any] = field(default_factory=dict)
+    schedule: Dict[str, Any] = field(default_factory=dict)
+    engine: Dict[str, Any] = field(default_factory=dict)
+    prompt_loss: bool = True  # supervised loss on the prompt crop
+    dark_mix: bool = True  # half of the prompt crop pasted onto the target crop
+    ams: bool = True  # odd iterations: the dark mix with blocks masked (AMS); even: as is (PMS)
+    ams_block_size: int = positive(64)
+    ams_ratio: float = non_negative(0.7)
+
+
+@dataclass
+class FusionConfig:
+    """PIG's fusion: the classes least similar between each source and target image take the
+    NFNet teacher's label, except where the UDA teacher predicts a protected class."""
+    enabled: bool = True
+    similarity: str = choice("stats", ["stats", "lpips"])  # lpips: PIG's; stats: ours, weight-free
+    top_k: int = positive(4)
+    protected: List[int] = field(default_factory=lambda: list(PIG_PROTECTED))
+    lpips_alexnet: Optional[str] = None  # torchvision AlexNet state_dict file (similarity=lpips)
+
+
 @dataclass
 class MethodConfig:
-    name: str = choice("source_only", ["source_only", "uda", "eglp", "spn"])
+    name: str = choice("source_only", ["source_only", "uda", "pig", "eglp", "spn"])
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     pseudo: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     mix: MixConfig = field(default_factory=MixConfig)
     fd: FeatureDistanceConfig = field(default_factory=FeatureDistanceConfig)
     mic: MaskingConfig = field(default_factory=MaskingConfig)
+    nfnet: NFNetConfig = field(default_factory=NFNetConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)

@@ -26,7 +26,8 @@ from torch import Tensor
 
 @torch.no_grad()
 def pseudo_labels(logits: Tensor, threshold: float = 0.968, ignore_top: int = 0,
-                  ignore_bottom: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
+                  ignore_bottom: int = 0, ignore_left: int = 0, ignore_right: int = 0
+                  ) -> Tuple[Tensor, Tensor, Tensor]:
     """Hard pseudo-labels, per-pixel weights and per-image confidence.
 
     Args:
@@ -37,6 +38,8 @@ def pseudo_labels(logits: Tensor, threshold: float = 0.968, ignore_top: int = 0,
         ignore_top, ignore_bottom: number of rows at the top / bottom whose weight is set to 0
             (DAFormer ``pseudo_weight_ignore_top/bottom``: rectification artefacts at the top,
             the ego car at the bottom of Cityscapes-like crops). They still count in the share.
+        ignore_left, ignore_right: the same for columns (PIG's margins are [30, 240, 30, 30]
+            for top, bottom, left, right on every target).
 
     Returns:
         label: (B, H, W) long, argmax over K.
@@ -45,8 +48,9 @@ def pseudo_labels(logits: Tensor, threshold: float = 0.968, ignore_top: int = 0,
     """
     if logits.dim() != 4:
         raise ValueError(f"logits must be (B, K, H, W), got shape {tuple(logits.shape)}")
-    if ignore_top < 0 or ignore_bottom < 0:
-        raise ValueError(f"ignore_top/ignore_bottom must be >= 0, got {ignore_top}/{ignore_bottom}")
+    if min(ignore_top, ignore_bottom, ignore_left, ignore_right) < 0:
+        raise ValueError(f"margins must be >= 0, got top/bottom/left/right "
+                         f"{ignore_top}/{ignore_bottom}/{ignore_left}/{ignore_right}")
     prob = torch.softmax(logits.detach().float(), dim=1)
     max_prob, label = prob.max(dim=1)                                   # (B, H, W)
     confident = max_prob.ge(threshold)
@@ -58,4 +62,8 @@ def pseudo_labels(logits: Tensor, threshold: float = 0.968, ignore_top: int = 0,
         weight[:, :ignore_top, :] = 0
     if ignore_bottom > 0:
         weight[:, max(h - ignore_bottom, 0):, :] = 0
+    if ignore_left > 0:
+        weight[:, :, :ignore_left] = 0
+    if ignore_right > 0:
+        weight[:, :, max(w - ignore_right, 0):] = 0
     return label, weight, confidence

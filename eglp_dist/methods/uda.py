@@ -21,7 +21,8 @@ and 5 are HRDA's context + detail training forward and step 3 HRDA's pseudo-labe
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 
@@ -76,49 +77,93 @@ class UDA(Method):
         p = self.cfg.method.pseudo
         with self.student.autocast():
             logits = self.teacher.pseudo_label_mode().predict(images)
-        return pseudo_labels(logits, p.threshold, p.ignore_top, p.ignore_bottom)
+        return pseudo_labels(logits, p.threshold, p.ignore_top, p.ignore_bottom, p.ignore_left, p.ignore_right)
 
-    # -- one iteration -------------------------------------------------------------------
+    # -- one iteration, as named phases ---------------------------------------------------
+    # A recipe is the list of its phases; a subclass overrides the phases it changes (or
+    # inserts its own) and inherits the rest, so PIG/EGLP never copy this step.
+    phases = ("update_teachers", "source_step", "pseudo_label_step", "mix_step", "target_step",
+              "optimizer_step")
+
     def step(self, batches: Mapping[str, Dict[str, Any]], it: int) -> Dict[str, torch.Tensor]:
-        m = self.cfg.method
-        src, tgt = batches["source"], batches["target"]
-        if it > 0:
-            self.teacher.update(self.student.model, it)
+        s = StepState(it=it, batches=batches)
+        for phase in self.phases:
+            getattr(self, phase)(s)
+        self.keep_visual(**s.visuals)
+        return s.logs
 
-        out_src, losses, logs = self.train_forward(self.student, src["img"], src["seg"], prefix="src")
+    def update_teachers(self, s: "StepState") -> None:
+        """EMA teachers move towards their students before they label (DAFormer's order)."""
+        if s.it > 0:
+            self.teacher.update(self.student.model, s.it)
+
+    def source_step(self, s: "StepState") -> None:
+        """Supervised loss on the source batch (+ ImageNet feature distance); backward."""
+        src = s.batches["source"]
+        out, losses, logs = self.train_forward(self.student, src["img"], src["seg"], prefix="src")
         loss = losses["loss"]
         if self.imnet is not None:
-            fd = self.feature_distance(src["img"], src["seg"], out_src["features"])
+            fd = self.feature_distance(src["img"], src["seg"], out["features"])
             logs["src.loss_imnet_feat_dist"] = fd.detach()
             loss = loss + fd
         self.student.backward(loss)
+        s.logs.update(logs)
+        s.visuals.update(src_img=src["img"], src_seg=src["seg"], src_pred=out["logits"][:1].argmax(1))
 
-        plabel, pweight, confidence = self.pseudo_label(tgt["img"])
-        logs["pseudo.confidence"] = confidence.mean()
-        if m.mix.enabled:
+    def pseudo_label_step(self, s: "StepState") -> None:
+        """The teacher's labels and confidence weights of the target batch."""
+        tgt = s.batches["target"]
+        s.plabel, s.pweight, confidence = self.pseudo_label(tgt["img"])
+        s.logs["pseudo.confidence"] = confidence.mean()
+
+    def mix_step(self, s: "StepState") -> None:
+        """ClassMix of source classes onto the target (labels and weights by the same mask),
+        then colour jitter and blur."""
+        src, tgt = s.batches["source"], s.batches["target"]
+        if self.cfg.method.mix.enabled:
             mask = class_masks(src["seg"], self.generator).to(src["img"].device)
-            mixed_img = mix(mask, src["img"], tgt["img"])
-            mixed_seg = mix(mask, src["seg"], plabel)
-            mixed_weight = mix(mask, torch.ones_like(pweight), pweight)
+            s.mixed_img = mix(mask, src["img"], tgt["img"])
+            s.mixed_seg = mix(mask, src["seg"], s.plabel)
+            s.mixed_weight = mix(mask, torch.ones_like(s.pweight), s.pweight)
         else:
-            mixed_img, mixed_seg, mixed_weight = tgt["img"], plabel, pweight
-        mixed_img = self.augment(mixed_img)
-        out_mix, losses_mix, logs_mix = self.train_forward(self.student, mixed_img, mixed_seg, mixed_weight,
-                                                           prefix="mix")
-        logs.update(logs_mix)
-        self.student.backward(losses_mix["loss"])
+            s.mixed_img, s.mixed_seg, s.mixed_weight = tgt["img"], s.plabel, s.pweight
+        s.mixed_img = self.augment(s.mixed_img)
 
+    def target_step(self, s: "StepState") -> None:
+        """Weighted loss on the mixed images (+ MIC's masked target); backward."""
+        m = self.cfg.method
+        tgt = s.batches["target"]
+        out, losses, logs = self.train_forward(self.student, s.mixed_img, s.mixed_seg, s.mixed_weight,
+                                               prefix="mix")
+        s.logs.update(logs)
+        self.student.backward(losses["loss"])
         if m.mic.enabled:
             masked = self.augment(tgt["img"]) if m.mic.color_aug else tgt["img"]
             b, _, h, w = masked.shape
             masked = masked * block_mask(b, h, w, m.mic.block_size, m.mic.ratio, self.generator,
                                          masked.device)
-            _, losses_mic, logs_mic = self.train_forward(self.student, masked, plabel, pweight, prefix="masked")
-            logs.update(logs_mic)
+            _, losses_mic, logs_mic = self.train_forward(self.student, masked, s.plabel, s.pweight,
+                                                         prefix="masked")
+            s.logs.update(logs_mic)
             self.student.backward(m.mic.weight * losses_mic["loss"])
+        s.visuals.update(tgt_img=tgt["img"], tgt_pseudo=s.plabel, tgt_seg=tgt.get("seg"),
+                         mix_img=s.mixed_img, mix_seg=s.mixed_seg, mix_pred=out["logits"][:1].argmax(1))
 
-        self.student.step()
-        self.keep_visual(src_img=src["img"], src_seg=src["seg"], src_pred=out_src["logits"][:1].argmax(1),
-                         tgt_img=tgt["img"], tgt_pseudo=plabel, tgt_seg=tgt.get("seg"),
-                         mix_img=mixed_img, mix_seg=mixed_seg, mix_pred=out_mix["logits"][:1].argmax(1))
-        return logs
+    def optimizer_step(self, s: "StepState") -> None:
+        for engine in self.engines.values():
+            engine.step()
+
+
+@dataclass
+class StepState:
+    """What the phases of one iteration hand each other (filled as they run)."""
+    it: int
+    batches: Mapping[str, Dict[str, Any]]
+    logs: Dict[str, torch.Tensor] = field(default_factory=dict)
+    visuals: Dict[str, Optional[torch.Tensor]] = field(default_factory=dict)
+    plabel: Optional[torch.Tensor] = None  # (B, H, W) long: the label the student learns on the target
+    pweight: Optional[torch.Tensor] = None  # (B, H, W) float: its per-pixel weight
+    mixed_img: Optional[torch.Tensor] = None
+    mixed_seg: Optional[torch.Tensor] = None
+    mixed_weight: Optional[torch.Tensor] = None
+    extra: Dict[str, Any] = field(default_factory=dict)  # a recipe's own hand-overs

@@ -1,0 +1,153 @@
+"""Class-wise day/night similarity scores: which classes look least alike in a source (day)
+image and its target (night) partner. PIG ranks classes by them; EGLP's DNIS builds on the
+same class statistics.
+
+Two scores, both "larger = less similar", one per (image, class), 0 for a class absent from
+the source image:
+
+* ``stats`` (ours, no weights): per class, the mean and standard deviation of four pixel
+  features (R, G, B in [0, 1] and the Sobel gradient magnitude of the grey image) over the
+  source pixels of that class (ground truth) and over the target pixels the UDA teacher
+  labels with it (the whole target image where it labels none); the score is the L1 distance
+  of the two (mean, std) vectors. It is built from sums (count, sum, sum of squares per
+  class), so it can be reduced across ranks and smoothed over steps (DNIS).
+* ``lpips`` (PIG's): LPIPS with AlexNet between the source image with every pixel outside the
+  class zeroed and the whole target image. Kept in eval mode (PIG leaves LPIPS in train mode,
+  so its dropout makes the scores random). The AlexNet features are read from a local file;
+  LPIPS's linear layers ship inside the ``lpips`` package; nothing is downloaded.
+
+How they relate: both compare "how class c looks in the day image" with "how the night image
+looks"; LPIPS does it with deep features over the whole (mostly blank) masked image, so the
+class's area weighs in; ``stats`` compares the class's own pixels with the night pixels of the
+same class, so it measures appearance change per class directly and costs next to nothing.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from eglp_dist.errors import ConfigError, DataError
+
+IGNORE = 255
+NUM_FEATURES = 4
+
+
+def pixel_features(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """(B, 3, H, W) normalised images -> (B, 4, H, W): RGB in [0, 1], Sobel gradient magnitude."""
+    m = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
+    rgb = ((images.float() * s + m) / 255.0).clamp(0, 1)
+    grey = rgb.mean(1, keepdim=True)
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=images.device) / 8
+    k = torch.stack([kx, kx.t()]).unsqueeze(1)  # (2, 1, 3, 3)
+    g = F.conv2d(F.pad(grey, (1, 1, 1, 1), mode="replicate"), k)
+    return torch.cat([rgb, g.pow(2).sum(1, keepdim=True).sqrt()], 1)
+
+
+def class_sums(features: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """Per image and class: [count, sum of each feature, sum of squares of each feature].
+
+    (B, C, H, W) features, (B, H, W) labels (255 ignored) -> (B, K, 1 + 2C) float64 sums:
+    a statistic that adds up over pixels, images and ranks.
+    """
+    b, c = features.shape[:2]
+    lab = labels.reshape(b, -1).long()
+    lab = torch.where((lab >= 0) & (lab < num_classes), lab, torch.full_like(lab, num_classes))
+    f = features.reshape(b, c, -1).double().transpose(1, 2)  # (B, HW, C)
+    vals = torch.cat([torch.ones_like(f[..., :1]), f, f * f], dim=2)  # (B, HW, 1+2C)
+    out = torch.zeros(b, num_classes + 1, vals.shape[2], dtype=torch.float64, device=features.device)
+    out.scatter_add_(1, lab.unsqueeze(2).expand_as(vals), vals)
+    return out[:, :num_classes]
+
+
+def moments(sums: Tensor) -> tuple:
+    """(..., 1 + 2C) sums -> (count, mean, std) with count clamped to 1 where it is 0."""
+    c = (sums.shape[-1] - 1) // 2
+    n = sums[..., :1]
+    safe = n.clamp(min=1)
+    mean = sums[..., 1:1 + c] / safe
+    var = (sums[..., 1 + c:] / safe - mean * mean).clamp(min=0)
+    return n[..., 0], mean, var.sqrt()
+
+
+def stats_distance(src_sums: Tensor, tgt_sums: Tensor) -> Tensor:
+    """L1 distance of (mean, std) vectors, last dimension reduced."""
+    _, ms, ss = moments(src_sums)
+    _, mt, st = moments(tgt_sums)
+    return ((ms - mt).abs() + (ss - st).abs()).sum(-1)
+
+
+class StatsSimilarity:
+    """The weight-free ``stats`` score (see the module docstring)."""
+
+    def __init__(self, mean, std, num_classes: int):
+        self.mean, self.std, self.k = list(mean), list(std), num_classes
+
+    @torch.no_grad()
+    def __call__(self, src_img: Tensor, src_seg: Tensor, tgt_img: Tensor, tgt_label: Tensor) -> Tensor:
+        src = class_sums(pixel_features(src_img, self.mean, self.std), src_seg, self.k)
+        tgt_f = pixel_features(tgt_img, self.mean, self.std)
+        tgt = class_sums(tgt_f, tgt_label, self.k)
+        whole = class_sums(tgt_f, torch.zeros_like(tgt_label), 1)  # every target pixel
+        tgt = torch.where(tgt[..., :1] > 0, tgt, whole.expand_as(tgt))
+        score = stats_distance(src, tgt).float()
+        return torch.where(src[..., 0] > 0, score, torch.zeros_like(score))
+
+
+class LpipsSimilarity:
+    """PIG's score: LPIPS(AlexNet)(source with all but class c zeroed, target), per image and
+    for each class present anywhere in the batch's source labels; 0 for the other classes."""
+
+    def __init__(self, alexnet_path: Optional[str], mean, std, num_classes: int, device):
+        if not alexnet_path:
+            raise ConfigError("method.fusion.lpips_alexnet: similarity=lpips needs the path of a "
+                              "torchvision AlexNet state_dict (e.g. alexnet-owt-7be5be79.pth); "
+                              "nothing is downloaded")
+        import os
+
+        if not os.path.isfile(alexnet_path):
+            raise DataError(f"{alexnet_path}: AlexNet weight file not found (method.fusion.lpips_alexnet)")
+        import lpips
+
+        self.net = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)
+        state = torch.load(alexnet_path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+        for slice_ in (self.net.net.slice1, self.net.net.slice2, self.net.net.slice3,
+                       self.net.net.slice4, self.net.net.slice5):
+            for idx, layer in slice_.named_children():
+                if isinstance(layer, torch.nn.Conv2d):
+                    try:
+                        layer.weight.data.copy_(state[f"features.{idx}.weight"])
+                        layer.bias.data.copy_(state[f"features.{idx}.bias"])
+                    except KeyError as exc:
+                        raise DataError(f"{alexnet_path}: not a torchvision AlexNet state_dict "
+                                        f"(no {exc.args[0]})") from None
+        self.net = self.net.to(device).eval().requires_grad_(False)
+        self.mean, self.std, self.k = list(mean), list(std), num_classes
+
+    def _unit(self, images: Tensor) -> Tensor:  # LPIPS wants [-1, 1]
+        m = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
+        s = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
+        return ((images.float() * s + m) / 127.5 - 1.0).clamp(-1, 1)
+
+    @torch.no_grad()
+    def __call__(self, src_img: Tensor, src_seg: Tensor, tgt_img: Tensor, tgt_label: Tensor) -> Tensor:
+        b = src_img.shape[0]
+        present = torch.zeros(self.k, dtype=torch.bool, device=src_seg.device)
+        valid = src_seg[(src_seg >= 0) & (src_seg < self.k)]
+        present[valid.unique()] = True
+        src, tgt = self._unit(src_img), self._unit(tgt_img)
+        scores = torch.zeros(b, self.k, device=src_img.device)
+        for c in present.nonzero().flatten().tolist():  # the classes of the batch (PIG's loop)
+            masked = src * (src_seg == c).unsqueeze(1)
+            scores[:, c] = self.net(masked, tgt).flatten()
+        return scores
+
+
+def build_similarity(fusion_cfg, mean, std, num_classes: int, device) -> Callable[..., Tensor]:
+    if fusion_cfg.similarity == "lpips":
+        return LpipsSimilarity(fusion_cfg.lpips_alexnet, mean, std, num_classes, device)
+    return StatsSimilarity(mean, std, num_classes)

@@ -1,0 +1,123 @@
+"""PIG-style night UDA ("Prompt Images Guidance for Night-Time Scene Parsing"): the HRDA UDA
+recipe plus a Night-Focused Network and pseudo-label fusion by class similarity.
+
+On top of :class:`~eglp_dist.methods.uda.UDA` (whose phases it reuses unchanged):
+
+* ``nfnet``: a second engine (same model config as the student unless ``method.nfnet.model``
+  overrides it; its own optimiser/schedule/engine nodes) with its own EMA teacher on the
+  same alpha schedule; it never sees a source image;
+* ``update_teachers``: both EMA teachers move before labelling;
+* ``pseudo_label_step``: the UDA teacher's label, then (``method.fusion``) the ``top_k``
+  least similar classes of each image take the NFNet teacher's argmax label, except where the
+  UDA teacher predicts a protected class; the weight stays the UDA teacher's. The fused label
+  feeds the student's ClassMix (UDA's ``mix_step``/``target_step``) and NFNet's dark mix;
+* ``night_step`` (new, before the optimiser step): NFNet's supervised loss on the prompt
+  crop and its loss on the dark mix (PMS on even, AMS on odd iterations), unweighted.
+
+Evaluation and export use the UDA student only (``Method.eval_model``). docs/eglp.md says
+where each choice comes from.
+"""
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+from eglp_dist.dist.ema import EMATeacher
+from eglp_dist.eglp.fusion import fuse_labels, top_k_classes
+from eglp_dist.eglp.nfnet import dark_mix, uses_ams
+from eglp_dist.eglp.similarity import build_similarity
+from eglp_dist.errors import ConfigError
+from eglp_dist.methods.mic import block_mask
+from eglp_dist.methods.uda import UDA, StepState
+from eglp_dist.models import build_segmentor
+
+
+def derived_node(base, overrides, key: str):
+    """A config node of the student (``optim``, ``model``, ...) with a second network's
+    overrides merged on top, checked like any config (unknown keys named by ``key``)."""
+    from eglp_dist.config import merge_checked
+
+    if not overrides:
+        return base
+    return merge_checked(base, OmegaConf.create(OmegaConf.to_container(overrides)), key)
+
+
+class PIG(UDA):
+    streams = ("source", "target", "prompt")
+    phases = ("update_teachers", "source_step", "pseudo_label_step", "mix_step", "target_step",
+              "night_step", "optimizer_step")
+
+    def __init__(self, cfg, env, device):
+        super().__init__(cfg, env, device)
+        n, f = cfg.method.nfnet, cfg.method.fusion
+        tgt, prompt = cfg.data.target, cfg.data.prompt
+        if n.enabled and n.dark_mix and (prompt.batch_size != tgt.batch_size or
+                                         list(prompt.crop_size or []) != list(tgt.crop_size or [])):
+            raise ConfigError("method.nfnet.dark_mix: pastes prompt crops onto target crops, so "
+                              "data.prompt and data.target need the same batch_size and crop_size "
+                              f"(got {prompt.batch_size}x{list(prompt.crop_size or [])} and "
+                              f"{tgt.batch_size}x{list(tgt.crop_size or [])})")
+        if f.enabled and not n.enabled:
+            raise ConfigError("method.fusion.enabled: fusion takes labels from NFNet's teacher; "
+                              "set method.nfnet.enabled=true or method.fusion.enabled=false")
+        self.nfnet = self.nfnet_teacher = None
+        if n.enabled:
+            model_cfg = derived_node(cfg.model, n.model, "method.nfnet.model")
+            self.nfnet = self.add_engine("nfnet", build_segmentor(model_cfg),
+                                         derived_node(cfg.optim, n.optim, "method.nfnet.optim"),
+                                         derived_node(cfg.schedule, n.schedule, "method.nfnet.schedule"),
+                                         derived_node(cfg.engine, n.engine, "method.nfnet.engine"))
+            self.nfnet_teacher = EMATeacher(self.nfnet.model, cfg.method.teacher.alpha)
+            self.modules["nfnet_teacher"] = self.nfnet_teacher
+        self.similarity = build_similarity(f, self.mean, self.std, cfg.model.num_classes, device) \
+            if f.enabled else None
+
+    # -- phases that differ from UDA -------------------------------------------------------
+    def update_teachers(self, s: StepState) -> None:
+        super().update_teachers(s)
+        if self.nfnet is not None and s.it > 0:
+            self.nfnet_teacher.update(self.nfnet.model, s.it)
+
+    def pseudo_label_step(self, s: StepState) -> None:
+        super().pseudo_label_step(s)
+        if self.similarity is None:
+            return
+        src, tgt = s.batches["source"], s.batches["target"]
+        f = self.cfg.method.fusion
+        night = self.night_label(tgt["img"])
+        scores = self.similarity(src["img"], src["seg"], tgt["img"], s.plabel)
+        selected = top_k_classes(scores, f.top_k)
+        fused = fuse_labels(s.plabel, night, selected, list(f.protected))
+        s.logs["fusion.replaced"] = (fused != s.plabel).float().mean()
+        s.extra.update(uda_label=s.plabel, night_label=night, selected=selected)
+        s.plabel = fused
+
+    def night_step(self, s: StepState) -> None:
+        """NFNet's losses: the prompt crop with its ground truth, then the dark mix."""
+        if self.nfnet is None:
+            return
+        n = self.cfg.method.nfnet
+        prompt, tgt = s.batches["prompt"], s.batches["target"]
+        if n.prompt_loss:
+            out, losses, logs = self.train_forward(self.nfnet, prompt["img"], prompt["seg"], prefix="night.prompt")
+            s.logs.update(logs)
+            self.nfnet.backward(losses["loss"])
+            s.visuals.update(prompt_img=prompt["img"], prompt_seg=prompt["seg"],
+                             prompt_pred=out["logits"][:1].argmax(1))
+        if n.dark_mix:
+            img, seg, _ = dark_mix(prompt["img"], prompt["seg"], tgt["img"], s.plabel, self.generator)
+            img = self.augment(img)
+            if n.ams and uses_ams(s.it):
+                b, _, h, w = img.shape
+                img = img * block_mask(b, h, w, n.ams_block_size, n.ams_ratio, self.generator, img.device)
+            _, losses, logs = self.train_forward(self.nfnet, img, seg, prefix="night.mix")
+            s.logs.update(logs)
+            self.nfnet.backward(losses["loss"])
+            s.extra["dark_mix"] = (img, seg)
+
+    # -- pieces ----------------------------------------------------------------------------
+    def night_label(self, images):
+        """The NFNet teacher's label: argmax of its pseudo-label forward, no threshold."""
+        import torch
+
+        with torch.no_grad(), self.nfnet.autocast():
+            return self.nfnet_teacher.pseudo_label_mode().predict(images).argmax(1)
