@@ -8,9 +8,11 @@ import sys
 def test_bench_step_through_the_cli():
     proc = subprocess.run(
         [sys.executable, "-m", "eglp_dist", "bench", "step", "--ranks", "2", "--iters", "1", "--warmup", "0",
-         "data.source.crop_size=[64,64]", "data.target.crop_size=[64,64]"],
+         "data.source.crop_size=[64,64]", "data.target.crop_size=[64,64]", "data.prompt.crop_size=[64,64]"],
         capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith(("source_only", "uda"))]
-    assert [(r[0], r[1]) for r in rows] == [("source_only", "0"), ("uda", "0"), ("source_only", "1"), ("uda", "1")]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith(("source_only", "uda", "pig"))]
+    assert [(r[0], r[1]) for r in rows] == [(m, str(r)) for r in (0, 1) for m in ("source_only", "uda", "pig")]
     assert all(float(r[2]) > 0 for r in rows)
+    pig = [r for r in rows if r[0] == "pig"]
+    assert all(0 < float(r[-1].rstrip("%")) < 100 for r in pig)  # the ranking's share of the step

@@ -171,3 +171,33 @@ def test_command_line_fills_shards_and_keeps_the_recipe():
     assert cfg.engine.kind == "zero2" and cfg.engine.precision == "fp32"  # the group merges into the node
     assert cfg.data.source.batch_size == cfg.data.target.batch_size == 1
     assert cfg.data.source.sampling.mode == "rcs" and cfg.model.hrda.enabled
+
+
+# ------------------------------------------------------------- PIG's values (docs/eglp.md)
+
+EGLP = CONFIGS / "eglp"
+
+
+@pytest.mark.parametrize("name,scale,crop,window,seed", [
+    ("city2nightcity_pig.yaml", [1024, 512], [512, 512], [512, 512], 0),
+    ("city2acdc_pig.yaml", [1920, 1080], [1024, 1024], [1024, 1024], 2),
+    ("city2darkzurich_pig.yaml", [1920, 1080], [1024, 1024], [1024, 1024], 2),
+])
+def test_pig_configs_hold_pigs_settings(name, scale, crop, window, seed):
+    cfg = load_config(EGLP / name)
+    assert cfg.method.name == "pig" and cfg.model.encoder == "mit_b5" and cfg.model.hrda.enabled
+    o = cfg.optim
+    assert (o.name, o.lr, o.weight_decay, o.head_lr_mult) == ("adamw", 6e-5, 0.01, 1.0)  # no head x10
+    assert (cfg.trainer.max_iters, cfg.trainer.eval_interval, cfg.run.seed) == (40000, 4000, seed)
+    p = cfg.method.pseudo
+    assert (p.ignore_top, p.ignore_bottom, p.ignore_left, p.ignore_right) == (30, 240, 30, 30)
+    s = cfg.data.source.sampling
+    assert (s.mode, s.rcs_temperature, s.rcs_min_pixels, s.rcs_min_crop_ratio) == ("rcs", 0.01, 3000, 2.0)
+    assert cfg.data.prompt.sampling.mode == "random" and cfg.data.prompt.cat_max_ratio == 0.75
+    for stream in (cfg.data.target, cfg.data.prompt):
+        assert list(stream.img_scale) == scale and list(stream.crop_size) == crop
+        assert stream.batch_size == 2
+    assert list(cfg.model.test_window) == window and list(cfg.model.test_stride) == [w // 2 for w in window]
+    f = cfg.method.fusion
+    assert (f.similarity, f.top_k, list(f.protected)) == ("lpips", 4, [6, 7, 15, 16, 17, 18])
+    assert cfg.method.nfnet.enabled and not cfg.method.nfnet.model  # NFNet = the student's model

@@ -87,13 +87,13 @@ def test_lpips_similarity_needs_a_local_alexnet_file_and_works_with_one(tmp_path
     from eglp_dist.eglp.similarity import LpipsSimilarity
 
     with pytest.raises(ConfigError, match="method.fusion.lpips_alexnet"):
-        LpipsSimilarity(None, [0] * 3, [1] * 3, 19, "cpu")
+        LpipsSimilarity(None, 19, "cpu")
     with pytest.raises(Exception, match="AlexNet weight file not found"):
-        LpipsSimilarity(str(tmp_path / "nope.pth"), [0] * 3, [1] * 3, 19, "cpu")
+        LpipsSimilarity(str(tmp_path / "nope.pth"), 19, "cpu")
     torch.manual_seed(0)
     path = tmp_path / "alexnet.pth"
     torch.save(torchvision.models.alexnet().state_dict(), path)  # random weights: the test's own file
-    sim = LpipsSimilarity(str(path), [123.675, 116.28, 103.53], [58.395, 57.12, 57.375], 19, "cpu")
+    sim = LpipsSimilarity(str(path), 19, "cpu")
     src, tgt = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
     seg = torch.zeros(2, 64, 64, dtype=torch.long)
     seg[:, :, 32:] = 3

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Seconds per training iteration and peak memory per rank: source-only vs UDA, side by side.
+"""Seconds per training iteration and peak memory per rank: source-only vs UDA vs PIG-style,
+side by side, and the share of the PIG step spent on its class-similarity ranking.
 
 Spawns ``--ranks`` processes (gloo on CPU, NCCL where CUDA is visible: the same code), builds
 each method from the given config exactly as ``eglp train`` does (same engines, EMA teacher,
@@ -8,8 +9,11 @@ crop and batch size, so the number is the step itself, not data loading (that is
 ``bench_loader.py``). Peak memory is ``torch.cuda.max_memory_allocated`` on GPU and the
 process's peak resident set (ru_maxrss, which includes the interpreter and libraries) on CPU.
 
-    python tools/bench_step.py --config configs/demo/tiny_uda.yaml --ranks 2 --iters 10
-    python tools/bench_step.py --config configs/demo/tiny_uda.yaml model=tiny_daformer
+    python tools/bench_step.py --config configs/demo/tiny_pig.yaml --ranks 2 --iters 10
+    python tools/bench_step.py --config configs/demo/tiny_pig.yaml model=tiny_daformer
+
+The config is the PIG one (it holds the UDA recipe plus the prompt stream); each method is
+that config with ``method.name`` set, so all share data shapes, model and schedule.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import torch  # noqa: E402
 
 import eglp_dist  # noqa: E402,F401
 
-METHODS = ["source_only", "uda"]
+METHODS = ["source_only", "uda", "pig"]
 
 
 def fake_batch(stream_cfg, num_classes: int, device, generator: torch.Generator) -> dict:
@@ -35,6 +39,27 @@ def fake_batch(stream_cfg, num_classes: int, device, generator: torch.Generator)
     img = torch.randn(b, 3, h, w, generator=generator).to(device)
     seg = torch.randint(0, num_classes, (b, h, w), generator=generator).to(device)
     return {"img": img, "seg": seg, "meta": [{}] * b}
+
+
+def _time_similarity(method, device) -> list:
+    """Wrap the method's similarity ranking (if it has one) to record its seconds per call."""
+    spent: list = []
+    inner = getattr(method, "similarity", None)
+    if inner is None:
+        return spent
+
+    def timed(*args):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        out = inner(*args)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        spent.append(time.perf_counter() - t0)
+        return out
+
+    method.similarity = timed
+    return spent
 
 
 def _work(env, config, overrides, name, warmup, iters):
@@ -50,6 +75,7 @@ def _work(env, config, overrides, name, warmup, iters):
                 for s in method.streams} for _ in range(2)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    ranking = _time_similarity(method, device)
     times = []
     for it in range(warmup + iters):
         if device.type == "cuda":
@@ -59,9 +85,12 @@ def _work(env, config, overrides, name, warmup, iters):
         float(sum(v.float() for v in logs.values()))  # wait for the step, as a log would
         if it >= warmup:
             times.append(time.perf_counter() - t0)
+        else:
+            ranking.clear()
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"s_per_iter": statistics.median(times), "peak_bytes": peak,
+            "ranking_share": sum(ranking) / sum(times) if ranking else None,
             "params": sum(p.numel() for p in method.student.model.parameters()),
             "model": cfg.model.name, "batch": cfg.data.source.batch_size,
             "crop": list(cfg.data.source.crop_size)}
@@ -69,7 +98,7 @@ def _work(env, config, overrides, name, warmup, iters):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(ROOT / "configs" / "demo" / "tiny_uda.yaml"))
+    p.add_argument("--config", default=str(ROOT / "configs" / "demo" / "tiny_pig.yaml"))
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--warmup", type=int, default=2)
@@ -85,13 +114,18 @@ def main(argv=None) -> int:
     print(f"model {first['model']} ({first['params']:,} params), batch {first['batch']}/rank, crop "
           f"{first['crop']}, {a.ranks} ranks ({kind}), median of {a.iters} iterations")
     mem = "peak alloc" if torch.cuda.is_available() else "peak RSS"
-    print(f"{'method':<12}{'rank':>5}{'s/iter':>9}{'x src':>7}{mem:>13}{'x src':>7}")
+    print(f"{'method':<12}{'rank':>5}{'s/iter':>9}{'x src':>7}{'x uda':>7}{mem:>13}{'x src':>7}{'x uda':>7}"
+          f"{'ranking':>9}")
     for rank, rows in enumerate(per_rank):
-        base = rows["source_only"]
+        base, uda = rows["source_only"], rows["uda"]
         for name in METHODS:
             r = rows[name]
+            share = "" if r["ranking_share"] is None else f"{100 * r['ranking_share']:.1f}%"
             print(f"{name:<12}{rank:>5}{r['s_per_iter']:>9.3f}{r['s_per_iter'] / base['s_per_iter']:>7.2f}"
-                  f"{r['peak_bytes'] / 2**20:>10.0f}MiB{r['peak_bytes'] / base['peak_bytes']:>7.2f}")
+                  f"{r['s_per_iter'] / uda['s_per_iter']:>7.2f}"
+                  f"{r['peak_bytes'] / 2**20:>10.0f}MiB{r['peak_bytes'] / base['peak_bytes']:>7.2f}"
+                  f"{r['peak_bytes'] / uda['peak_bytes']:>7.2f}{share:>9}")
+    print("ranking: share of the step spent in the class-similarity ranking (PIG's fusion)")
     return 0
 
 

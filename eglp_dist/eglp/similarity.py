@@ -11,10 +11,14 @@ the source image:
   labels with it (the whole target image where it labels none); the score is the L1 distance
   of the two (mean, std) vectors. It is built from sums (count, sum, sum of squares per
   class), so it can be reduced across ranks and smoothed over steps (DNIS).
-* ``lpips`` (PIG's): LPIPS with AlexNet between the source image with every pixel outside the
-  class zeroed and the whole target image. Kept in eval mode (PIG leaves LPIPS in train mode,
-  so its dropout makes the scores random). The AlexNet features are read from a local file;
-  LPIPS's linear layers ship inside the ``lpips`` package; nothing is downloaded.
+* ``lpips`` (PIG's, ``mmseg/uda/dacs.py`` 300-337 of qiurui4shu/PIG): LPIPS with AlexNet
+  between the source image with every pixel outside the class zeroed and the whole target
+  image, for each class present anywhere in the batch's source labels. As in PIG, the images
+  go in as they are (ImageNet-normalised, not the [-1, 1] LPIPS documents) and the zeroing is
+  done on the normalised image (a zero there is the mean colour). Kept in eval mode (PIG
+  leaves LPIPS in train mode, so its dropout makes the scores random). The AlexNet features
+  are read from a local file; LPIPS's linear layers ship inside the ``lpips`` package;
+  nothing is downloaded.
 
 How they relate: both compare "how class c looks in the day image" with "how the night image
 looks"; LPIPS does it with deep features over the whole (mostly blank) masked image, so the
@@ -101,7 +105,7 @@ class LpipsSimilarity:
     """PIG's score: LPIPS(AlexNet)(source with all but class c zeroed, target), per image and
     for each class present anywhere in the batch's source labels; 0 for the other classes."""
 
-    def __init__(self, alexnet_path: Optional[str], mean, std, num_classes: int, device):
+    def __init__(self, alexnet_path: Optional[str], num_classes: int, device):
         if not alexnet_path:
             raise ConfigError("method.fusion.lpips_alexnet: similarity=lpips needs the path of a "
                               "torchvision AlexNet state_dict (e.g. alexnet-owt-7be5be79.pth); "
@@ -126,12 +130,7 @@ class LpipsSimilarity:
                         raise DataError(f"{alexnet_path}: not a torchvision AlexNet state_dict "
                                         f"(no {exc.args[0]})") from None
         self.net = self.net.to(device).eval().requires_grad_(False)
-        self.mean, self.std, self.k = list(mean), list(std), num_classes
-
-    def _unit(self, images: Tensor) -> Tensor:  # LPIPS wants [-1, 1]
-        m = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
-        s = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
-        return ((images.float() * s + m) / 127.5 - 1.0).clamp(-1, 1)
+        self.k = num_classes
 
     @torch.no_grad()
     def __call__(self, src_img: Tensor, src_seg: Tensor, tgt_img: Tensor, tgt_label: Tensor) -> Tensor:
@@ -139,7 +138,7 @@ class LpipsSimilarity:
         present = torch.zeros(self.k, dtype=torch.bool, device=src_seg.device)
         valid = src_seg[(src_seg >= 0) & (src_seg < self.k)]
         present[valid.unique()] = True
-        src, tgt = self._unit(src_img), self._unit(tgt_img)
+        src, tgt = src_img.float(), tgt_img.float()  # normalised, as PIG feeds them
         scores = torch.zeros(b, self.k, device=src_img.device)
         for c in present.nonzero().flatten().tolist():  # the classes of the batch (PIG's loop)
             masked = src * (src_seg == c).unsqueeze(1)
@@ -149,5 +148,5 @@ class LpipsSimilarity:
 
 def build_similarity(fusion_cfg, mean, std, num_classes: int, device) -> Callable[..., Tensor]:
     if fusion_cfg.similarity == "lpips":
-        return LpipsSimilarity(fusion_cfg.lpips_alexnet, mean, std, num_classes, device)
+        return LpipsSimilarity(fusion_cfg.lpips_alexnet, num_classes, device)
     return StatsSimilarity(mean, std, num_classes)
