@@ -2,8 +2,9 @@
 
 synthetic Cityscapes (day, labelled) + synthetic ACDC night (target train unlabelled, val
 labelled) -> WebDataset shards -> ``torchrun --nproc_per_node 2 -m eglp_dist train`` of the
-tiny HRDA, first source-only, then DAFormer/HRDA UDA with the same seed, data and
-iterations -> night mIoU of both, side by side, and the TensorBoard command.
+tiny HRDA, first source-only, then DAFormer/HRDA UDA, then the PIG-style night branch (NFNet
+on 6 labelled synthetic night prompts, fused pseudo-labels), with the same seed, data and
+iterations -> night mIoU of each, side by side, and the TensorBoard command.
 
 The launch is the real one (torchrun, 2 gloo ranks), so the demo exercises exactly the code
 path of a cluster run. Data and runs are reused if present (delete ``--out`` to start over).
@@ -25,6 +26,8 @@ from eglp_dist.dist.env import free_port
 IMAGE_SIZE = (256, 128)  # W, H of the synthetic images
 NIGHT_SHIFT = 0.5  # half-strength night: a real gap that self-training can close
 N_TRAIN, N_VAL, N_PROMPT = 96, 24, 6
+METHODS = ("source_only", "uda", "pig")  # configs/demo/tiny_<method>.yaml, trained in this order
+COLUMNS = {"source_only": "source-only", "uda": "UDA", "pig": "PIG-style"}
 DATASETS = [  # (layout, split, style, shift, images (None: n_train/n_val), shard folder)
     ("cityscapes", "train", "day", 1.0, None, "cityscapes_train"),
     ("acdc", "train", "night", NIGHT_SHIFT, None, "acdc_night_train"),
@@ -75,13 +78,14 @@ def run_cli(args: argparse.Namespace) -> int:
     common = [f"run.out_dir={out / 'runs'}",
               f"data.source.shards={shards['cityscapes_train']}",
               f"data.target.shards={shards['acdc_night_train']}",
-              f"data.val.shards={shards['acdc_night_val']}"]
+              f"data.val.shards={shards['acdc_night_val']}",
+              f"data.prompt.shards={shards['prompt_night']}"]
     if args.iters:
         common += [f"trainer.max_iters={args.iters}", f"trainer.eval_interval={args.iters}",
                    f"trainer.ckpt_interval={args.iters}"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     results = {}
-    for method in ("source_only", "uda"):
+    for method in METHODS:
         config = PACKAGE_CONFIG_ROOT / "demo" / f"tiny_{method}.yaml"
         t1 = time.perf_counter()
         print(f"\n== {method}: 2 ranks (torchrun, gloo) ==", flush=True)
@@ -92,14 +96,13 @@ def run_cli(args: argparse.Namespace) -> int:
         results[method] = last_eval(out / "runs" / f"demo_{method}")
         print(f"{method}: {time.perf_counter() - t1:.0f} s", flush=True)
 
-    src, uda = results["source_only"], results["uda"]
+    first = results[METHODS[0]]
     print(f"\nnight validation (synthetic ACDC night, {N_VAL} images), "
-          f"{src['iter']} iterations each, seed 0:")
-    print(f"{'class':<15}{'source-only':>12}{'UDA':>8}")
+          f"{first['iter']} iterations each, seed 0:")
+    print(f"{'class':<15}" + "".join(f"{COLUMNS[m]:>13}" for m in METHODS))
+    fmt = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
     for name in CLASSES:
-        a, b = src["IoU"][name], uda["IoU"][name]
-        fmt = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
-        print(f"{name:<15}{fmt(a):>12}{fmt(b):>8}")
-    print(f"{'mIoU':<15}{100 * src['mIoU']:>12.2f}{100 * uda['mIoU']:>8.2f}")
+        print(f"{name:<15}" + "".join(f"{fmt(results[m]['IoU'][name]):>13}" for m in METHODS))
+    print(f"{'mIoU':<15}" + "".join(f"{100 * results[m]['mIoU']:>13.2f}" for m in METHODS))
     print(f"\ntotal {time.perf_counter() - t0:.0f} s.  TensorBoard: tensorboard --logdir {out / 'runs'}")
     return 0

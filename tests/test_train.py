@@ -101,11 +101,11 @@ def test_demo_end_to_end_through_torchrun(tmp_path):
 
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "eglp_dist", "demo", "--out", str(out), "--iters", "3"],
-                          capture_output=True, text=True, timeout=280,
+                          capture_output=True, text=True, timeout=400,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "mIoU" in proc.stdout and "tensorboard --logdir" in proc.stdout
-    for name in ("demo_source_only", "demo_uda"):
+    assert "mIoU" in proc.stdout and "tensorboard --logdir" in proc.stdout and "PIG-style" in proc.stdout
+    for name in ("demo_source_only", "demo_uda", "demo_pig"):
         run = out / "runs" / name
         result = json.loads((run / "eval.jsonl").read_text().splitlines()[-1])
         assert result["iter"] == 3 and 0.0 <= result["mIoU"] <= 1.0

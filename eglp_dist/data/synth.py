@@ -357,6 +357,12 @@ _NIGHT_GAIN[IGN] = 0.3
 _NIGHT_TINT = np.array([1.05, 0.95, 0.85], np.float32)  # sodium street lights
 
 
+def night_change() -> np.ndarray:
+    """(19,) the designed night change of each class: 1 - its brightness factor (sky 1.0,
+    building 0.7, road 0.1). What DNIS must recover (tests/test_eglp.py)."""
+    return 1.0 - _NIGHT_GAIN[:L.NUM_CLASSES].copy()
+
+
 def _lowfreq(rng, h, w, cells=(6, 12), amp=1.0) -> np.ndarray:
     small = rng.standard_normal(cells).astype(np.float32)
     return np.asarray(Image.fromarray(small, mode="F").resize((w, h), Image.BILINEAR)) * amp

@@ -6,7 +6,7 @@ Two scores, both "larger = less similar", one per (image, class), 0 for a class 
 the source image:
 
 * ``stats`` (ours, no weights): per class, the mean and standard deviation of four pixel
-  features (R, G, B in [0, 1] and the Sobel gradient magnitude of the grey image) over the
+  features (log-intensity R, G, B and their Sobel gradient magnitude) over the
   source pixels of that class (ground truth) and over the target pixels the UDA teacher
   labels with it (the whole target image where it labels none); the score is the L1 distance
   of the two (mean, std) vectors. It is built from sums (count, sum, sum of squares per
@@ -27,6 +27,7 @@ same class, so it measures appearance change per class directly and costs next t
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -40,10 +41,17 @@ NUM_FEATURES = 4
 
 
 def pixel_features(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """(B, 3, H, W) normalised images -> (B, 4, H, W): RGB in [0, 1], Sobel gradient magnitude."""
+    """(B, 3, H, W) normalised images -> (B, 4, H, W): log-intensity R, G, B in [0, 1]
+    (log(1 + v) / log(256)) and the Sobel gradient magnitude of their mean.
+
+    Why log: night changes the illumination, which multiplies pixel values; in log space a
+    class darkened by a factor moves by the same amount whatever its own brightness, so a
+    dark pole and a bright sky halved in light score alike (on the synthetic night, whose
+    classes are darkened by known factors, log features rank classes by their factor with
+    Spearman 0.61 against 0.36 for linear RGB; see tests/test_eglp.py)."""
     m = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
     s = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
-    rgb = ((images.float() * s + m) / 255.0).clamp(0, 1)
+    rgb = torch.log1p((images.float() * s + m).clamp(0, 255)) / math.log(256.0)
     grey = rgb.mean(1, keepdim=True)
     kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=images.device) / 8
     k = torch.stack([kx, kx.t()]).unsqueeze(1)  # (2, 1, 3, 3)

@@ -10,8 +10,9 @@ METHODS = {
     "source_only": "eglp_dist.methods.source_only:SourceOnly",
     "uda": "eglp_dist.methods.uda:UDA",
     "pig": "eglp_dist.methods.pig:PIG",
+    "eglp": "eglp_dist.methods.eglp:EGLP",
 }
-PLANNED = {"eglp": "EGLP (RCM, DNIS, FIS with NFNet, DMS)", "spn": "SPN (hybrid prompts)"}
+PLANNED = {"spn": "SPN (hybrid prompts)"}
 
 
 def build_method(cfg, env, device):

@@ -91,6 +91,62 @@ class FusionConfig:
     lpips_alexnet: Optional[str] = None  # torchvision AlexNet state_dict file (similarity=lpips)
 
 
+# EGLP's rare classes by default: the small dynamic ones (traffic light, traffic sign, person,
+# rider, car, truck, bus, train, motorcycle, bicycle).
+EGLP_RARE = [6, 7, 11, 12, 13, 14, 15, 16, 17, 18]
+
+
+@dataclass
+class DNISConfig:
+    """Day-Night Image Similarity per class (eglp/dnis.py)."""
+    enabled: bool = True
+    momentum: float = non_negative(0.99)  # EMA of the class sums over steps
+    temperature: float = positive(0.5)  # DNIS = exp(-distance / temperature)
+    min_confidence: float = positive(0.968)  # target pixels count as night evidence from here
+
+
+@dataclass
+class FISConfig:
+    """Fusion of pseudo-labels via image similarity: low-DNIS classes take NFNet's label."""
+    enabled: bool = True
+    mode: str = choice("bottom_k", ["bottom_k", "threshold"])
+    k: int = positive(4)
+    threshold: float = non_negative(0.5)
+    protected: List[int] = field(default_factory=lambda: list(PIG_PROTECTED))
+
+
+@dataclass
+class DMSConfig:
+    """Dynamic mixing: DNIS-weighted mix of the two teachers' probabilities (replaces the
+    hard FIS switch when enabled) and prompt classes pasted into the mixed images."""
+    enabled: bool = True
+    gamma: float = positive(1.0)  # weight = ((max DNIS - DNIS) / range) ** gamma * max_weight
+    max_weight: float = non_negative(0.75)  # NFNet's largest share: UDA keeps >= 25 % everywhere
+    prompt_rate: float = non_negative(0.5)  # P(paste prompt class c) = prompt_rate * weight_c
+
+
+@dataclass
+class RCMConfig:
+    """Rare Class Memory (eglp/rcm.py)."""
+    enabled: bool = True
+    classes: List[int] = field(default_factory=lambda: list(EGLP_RARE))
+    capacity: int = positive(32)  # patches per class
+    patch: int = positive(64)  # patch side in pixels (crops of the training resolution)
+    min_pixels: int = positive(64)  # a class needs this many pixels in an image to be stored
+    paste_per_image: int = non_negative(2)
+    night_adjust: bool = True  # day patches moved towards night photometry (DNIS's shift)
+    class_thresholds: bool = True  # label level: rare classes' confidence thresholds
+    momentum: float = non_negative(0.99)  # EMA of the confidence sums
+
+
+@dataclass
+class EGLPConfig:
+    dnis: DNISConfig = field(default_factory=DNISConfig)
+    fis: FISConfig = field(default_factory=FISConfig)
+    dms: DMSConfig = field(default_factory=DMSConfig)
+    rcm: RCMConfig = field(default_factory=RCMConfig)
+
+
 @dataclass
 class MethodConfig:
     name: str = choice("source_only", ["source_only", "uda", "pig", "eglp", "spn"])
@@ -101,3 +157,4 @@ class MethodConfig:
     mic: MaskingConfig = field(default_factory=MaskingConfig)
     nfnet: NFNetConfig = field(default_factory=NFNetConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    eglp: EGLPConfig = field(default_factory=EGLPConfig)

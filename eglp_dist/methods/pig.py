@@ -43,8 +43,8 @@ def derived_node(base, overrides, key: str):
 
 class PIG(UDA):
     streams = ("source", "target", "prompt")
-    phases = ("update_teachers", "source_step", "pseudo_label_step", "mix_step", "target_step",
-              "night_step", "optimizer_step")
+    phases = ("update_teachers", "source_step", "pseudo_label_step", "mix_step", "augment_step",
+              "target_step", "night_step", "optimizer_step")
 
     def __init__(self, cfg, env, device):
         super().__init__(cfg, env, device)
@@ -105,6 +105,7 @@ class PIG(UDA):
                              prompt_pred=out["logits"][:1].argmax(1))
         if n.dark_mix:
             img, seg, _ = dark_mix(prompt["img"], prompt["seg"], tgt["img"], s.plabel, self.generator)
+            img, seg = self.decorate_dark_mix(s, img, seg)
             img = self.augment(img)
             if n.ams and uses_ams(s.it):
                 b, _, h, w = img.shape
@@ -117,7 +118,9 @@ class PIG(UDA):
     # -- pieces ----------------------------------------------------------------------------
     def night_label(self, images):
         """The NFNet teacher's label: argmax of its pseudo-label forward, no threshold."""
-        import torch
+        return self.teacher_logits(self.nfnet_teacher, self.nfnet, images).argmax(1)
 
-        with torch.no_grad(), self.nfnet.autocast():
-            return self.nfnet_teacher.pseudo_label_mode().predict(images).argmax(1)
+    def decorate_dark_mix(self, s: StepState, img, seg):
+        """What a recipe adds to the dark mix before its colour augmentation (PIG: nothing;
+        EGLP: rare-class patches)."""
+        return img, seg

@@ -18,7 +18,7 @@ batch mean of our per-image confidences equals DAFormer's pooled share.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Tuple, Union
 
 import torch
 from torch import Tensor
@@ -48,12 +48,23 @@ def pseudo_labels(logits: Tensor, threshold: float = 0.968, ignore_top: int = 0,
     """
     if logits.dim() != 4:
         raise ValueError(f"logits must be (B, K, H, W), got shape {tuple(logits.shape)}")
+    prob = torch.softmax(logits.detach().float(), dim=1)
+    return labels_from_probs(prob, threshold, ignore_top, ignore_bottom, ignore_left, ignore_right)
+
+
+@torch.no_grad()
+def labels_from_probs(prob: Tensor, threshold: Union[float, Tensor] = 0.968, ignore_top: int = 0,
+                      ignore_bottom: int = 0, ignore_left: int = 0, ignore_right: int = 0
+                      ) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`pseudo_labels` from class probabilities (B, K, H, W); ``threshold`` may be one
+    number or one per class (K,): a pixel is confident when its max probability reaches the
+    threshold of its predicted class (EGLP's rare-class thresholds)."""
     if min(ignore_top, ignore_bottom, ignore_left, ignore_right) < 0:
         raise ValueError(f"margins must be >= 0, got top/bottom/left/right "
                          f"{ignore_top}/{ignore_bottom}/{ignore_left}/{ignore_right}")
-    prob = torch.softmax(logits.detach().float(), dim=1)
     max_prob, label = prob.max(dim=1)                                   # (B, H, W)
-    confident = max_prob.ge(threshold)
+    thr = threshold[label] if torch.is_tensor(threshold) else threshold
+    confident = max_prob.ge(thr)
     b, h, w = label.shape
     # exact integer count, divided in float64 (DAFormer: python int / int), stored as float32
     confidence = (confident.flatten(1).sum(dim=1).double() / float(h * w)).float()  # (B,)

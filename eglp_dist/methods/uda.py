@@ -73,17 +73,22 @@ class UDA(Method):
         return fd.weight * dist
 
     @torch.no_grad()
+    def teacher_logits(self, teacher: EMATeacher, engine, images: torch.Tensor) -> torch.Tensor:
+        """An EMA teacher's pseudo-label forward (HRDA: context + sliding detail windows)."""
+        with engine.autocast():
+            return teacher.pseudo_label_mode().predict(images)
+
+    @torch.no_grad()
     def pseudo_label(self, images: torch.Tensor):
         p = self.cfg.method.pseudo
-        with self.student.autocast():
-            logits = self.teacher.pseudo_label_mode().predict(images)
+        logits = self.teacher_logits(self.teacher, self.student, images)
         return pseudo_labels(logits, p.threshold, p.ignore_top, p.ignore_bottom, p.ignore_left, p.ignore_right)
 
     # -- one iteration, as named phases ---------------------------------------------------
     # A recipe is the list of its phases; a subclass overrides the phases it changes (or
     # inserts its own) and inherits the rest, so PIG/EGLP never copy this step.
-    phases = ("update_teachers", "source_step", "pseudo_label_step", "mix_step", "target_step",
-              "optimizer_step")
+    phases = ("update_teachers", "source_step", "pseudo_label_step", "mix_step", "augment_step",
+              "target_step", "optimizer_step")
 
     def step(self, batches: Mapping[str, Dict[str, Any]], it: int) -> Dict[str, torch.Tensor]:
         s = StepState(it=it, batches=batches)
@@ -117,8 +122,7 @@ class UDA(Method):
         s.logs["pseudo.confidence"] = confidence.mean()
 
     def mix_step(self, s: "StepState") -> None:
-        """ClassMix of source classes onto the target (labels and weights by the same mask),
-        then colour jitter and blur."""
+        """ClassMix of source classes onto the target (labels and weights by the same mask)."""
         src, tgt = s.batches["source"], s.batches["target"]
         if self.cfg.method.mix.enabled:
             mask = class_masks(src["seg"], self.generator).to(src["img"].device)
@@ -127,6 +131,9 @@ class UDA(Method):
             s.mixed_weight = mix(mask, torch.ones_like(s.pweight), s.pweight)
         else:
             s.mixed_img, s.mixed_seg, s.mixed_weight = tgt["img"], s.plabel, s.pweight
+
+    def augment_step(self, s: "StepState") -> None:
+        """Colour jitter and blur of the mixed images (after everything is pasted in)."""
         s.mixed_img = self.augment(s.mixed_img)
 
     def target_step(self, s: "StepState") -> None:

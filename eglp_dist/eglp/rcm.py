@@ -1,0 +1,139 @@
+"""RCM: Rare Class Memory (EGLP), at the image level and the label level.
+
+EGLP names the module and its two levels; the mechanics are ours:
+
+* **Bank**: per rare class c, ``capacity`` square patches of ``patch`` pixels, each an image
+  crop (normalised), its mask of class-c pixels and whether it came by day (source) or by
+  night (prompt). Filled every step from the source and prompt ground truth: for each image
+  and rare class with at least ``min_pixels`` pixels in it, a window centred on a random pixel
+  of the class (the method's generator) replaces the oldest entry (a ring buffer, so the bank
+  follows the recent crops and never exceeds its capacity). Banks are per rank (each rank
+  sees its own data) and go into the per-rank checkpoint state.
+* **Image level**: ``paste_per_image`` patches pasted into each mixed (student) and dark-mix
+  (NFNet) image at random places, rare classes drawn uniformly among non-empty banks; day
+  patches are moved towards night photometry first: in log intensity (see
+  ``similarity.pixel_features``) by the class's night-minus-day mean shift that DNIS holds.
+* **Label level**: pasted pixels carry their class with weight 1; and rare classes get
+  class-wise confidence thresholds, ``min(threshold, mean confidence of the teacher on pixels
+  it labels c)``, from sums and counts all-reduced with DNIS's statistics (one collective),
+  so that the global 0.968 does not zero the weight of classes the teacher is never that
+  sure of.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+
+class RareClassMemory:
+    def __init__(self, classes: Sequence[int], capacity: int, patch: int, min_pixels: int,
+                 num_classes: int, device="cpu"):
+        self.classes = [int(c) for c in classes]
+        self.capacity, self.patch, self.min_pixels, self.k = capacity, patch, min_pixels, num_classes
+        n = len(self.classes)
+        self.images = torch.zeros(n, capacity, 3, patch, patch, device=device)
+        self.masks = torch.zeros(n, capacity, patch, patch, dtype=torch.bool, device=device)
+        self.night = torch.zeros(n, capacity, dtype=torch.bool, device=device)
+        self.filled = torch.zeros(n, dtype=torch.long, device=device)  # entries in use
+        self.next = torch.zeros(n, dtype=torch.long, device=device)  # ring position
+        # confidence sums of the teacher per class (sum of max prob, count), reduced
+        self.conf = torch.zeros(2, num_classes, dtype=torch.float64, device=device)
+
+    # -- bank ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def add(self, images: Tensor, segs: Tensor, night: bool, generator: torch.Generator) -> None:
+        """Store one window per (image, rare class with >= min_pixels)."""
+        p, half = self.patch, self.patch // 2
+        b, _, h, w = images.shape
+        counts = torch.stack([(segs == c).flatten(1).sum(1) for c in self.classes], 1).cpu()  # (B, n)
+        pad_img = torch.nn.functional.pad(images, (half, p - half, half, p - half))
+        pad_seg = torch.nn.functional.pad(segs, (half, p - half, half, p - half), value=255)
+        for i in range(b):
+            for j, c in enumerate(self.classes):
+                if counts[i, j] < self.min_pixels:
+                    continue
+                ys, xs = (segs[i] == c).nonzero(as_tuple=True)
+                pick = int(torch.randint(len(ys), (1,), generator=generator))
+                y, x = int(ys[pick]), int(xs[pick])
+                slot = int(self.next[j])
+                self.images[j, slot] = pad_img[i, :, y:y + p, x:x + p]
+                self.masks[j, slot] = pad_seg[i, y:y + p, x:x + p] == c
+                self.night[j, slot] = night
+                self.next[j] = (slot + 1) % self.capacity
+                self.filled[j] = min(int(self.filled[j]) + 1, self.capacity)
+
+    @torch.no_grad()
+    def paste(self, images: Tensor, segs: Tensor, weights: Optional[Tensor], per_image: int,
+              generator: torch.Generator, night_shift: Optional[Tensor] = None, mean=None, std=None
+              ) -> Tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
+        """Paste ``per_image`` patches into each image; returns (images, labels, weights with 1
+        on pasted pixels, pasted-pixel mask). ``night_shift`` (K, 3): per class the log-intensity
+        shift (night - day mean) applied to day patches (needs the normalisation mean/std)."""
+        images, segs = images.clone(), segs.clone()
+        weights = weights.clone() if weights is not None else None
+        b, _, h, w = images.shape
+        p = self.patch
+        pasted = torch.zeros(b, h, w, dtype=torch.bool, device=images.device)
+        banks = [j for j in range(len(self.classes)) if int(self.filled[j]) > 0]
+        if not banks or per_image <= 0 or p > min(h, w):
+            return images, segs, weights, pasted
+        for i in range(b):
+            for _ in range(per_image):
+                j = banks[int(torch.randint(len(banks), (1,), generator=generator))]
+                e = int(torch.randint(int(self.filled[j]), (1,), generator=generator))
+                y = int(torch.randint(h - p + 1, (1,), generator=generator))
+                x = int(torch.randint(w - p + 1, (1,), generator=generator))
+                patch, mask = self.images[j, e], self.masks[j, e]
+                if night_shift is not None and not bool(self.night[j, e]):
+                    patch = to_night(patch, night_shift[self.classes[j]], mean, std)
+                region = images[i, :, y:y + p, x:x + p]
+                region[:, mask] = patch[:, mask]
+                segs[i, y:y + p, x:x + p][mask] = self.classes[j]
+                if weights is not None:
+                    weights[i, y:y + p, x:x + p][mask] = 1.0
+                pasted[i, y:y + p, x:x + p] |= mask
+        return images, segs, weights, pasted
+
+    # -- label level -----------------------------------------------------------------------------
+    def confidence_sums(self, prob_max: Tensor, label: Tensor) -> Tensor:
+        """(2, K) this step's [sum of max prob, count] per predicted class (to be reduced)."""
+        lab = label.reshape(-1)
+        out = torch.zeros(2, self.k, dtype=torch.float64, device=label.device)
+        out[0].scatter_add_(0, lab, prob_max.reshape(-1).double())
+        out[1].scatter_add_(0, lab, torch.ones_like(lab, dtype=torch.float64))
+        return out
+
+    def update_confidence(self, reduced: Tensor, momentum: float) -> None:
+        self.conf.mul_(momentum).add_(reduced.to(self.conf))
+
+    def thresholds(self, threshold: float) -> Tensor:
+        """(K,) per-class thresholds: the global one, lowered for rare classes to the teacher's
+        mean confidence on them (where it has labelled any)."""
+        mean_conf = self.conf[0] / self.conf[1].clamp(min=1)
+        out = torch.full((self.k,), float(threshold), dtype=torch.float32, device=self.conf.device)
+        rare = torch.zeros(self.k, dtype=torch.bool, device=self.conf.device)
+        rare[self.classes] = True
+        lowered = torch.minimum(out, mean_conf.float())
+        return torch.where(rare & (self.conf[1] > 0), lowered, out)
+
+    # -- checkpoint (per rank) --------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Tensor]:
+        return {k: getattr(self, k).clone() for k in ("images", "masks", "night", "filled", "next", "conf")}
+
+    def load_state_dict(self, state: Dict[str, Tensor]) -> None:
+        for k, v in state.items():
+            getattr(self, k).copy_(v)
+
+
+def to_night(patch: Tensor, shift: Tensor, mean, std) -> Tensor:
+    """A normalised (3, P, P) day patch moved by ``shift`` (3,) in log intensity
+    (log(1 + v) / log 256, as DNIS measures it), i.e. each channel scaled towards night."""
+    m = torch.tensor(mean, device=patch.device).view(3, 1, 1)
+    s = torch.tensor(std, device=patch.device).view(3, 1, 1)
+    v = (patch * s + m).clamp(0, 255)
+    logv = torch.log1p(v) / math.log(256.0) + shift.to(patch).view(3, 1, 1)
+    v = torch.expm1(logv.clamp(0, 1) * math.log(256.0))
+    return (v - m) / s

@@ -1,0 +1,240 @@
+"""EGLP's own parts: DNIS (sums, one reduction, 1 rank == 2 ranks, ranks the synthetic night's
+classes by their designed change, keeps unseen values), FIS, DMS (monotone), RCM (capacity,
+weight-1 pasted labels, class thresholds), and exact resume of the method on 2 ranks."""
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dist_harness import run_ranks
+from eglp_dist.config import PACKAGE_CONFIG_ROOT, load_config
+from eglp_dist.data import synth
+from eglp_dist.data.labels import CLASS_INDEX, CLASSES
+from eglp_dist.eglp.dnis import DNIS
+from eglp_dist.eglp.fusion import dms_weights, fis_classes, mix_probabilities, prompt_class_masks
+from eglp_dist.eglp.rcm import RareClassMemory
+
+EGLP = PACKAGE_CONFIG_ROOT / "demo" / "tiny_eglp.yaml"
+MEAN, STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
+
+
+def synthetic(style, seed, n, size=(256, 128)):
+    imgs, segs = [], []
+    for i in range(n):
+        img, lab = synth.sample(seed, "train", i, size, style, 1.0)
+        imgs.append(torch.from_numpy(np.asarray(img)).permute(2, 0, 1).float())
+        segs.append(torch.from_numpy(lab.astype(np.int64)))
+    x = (torch.stack(imgs) - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    return x, torch.stack(segs)
+
+
+# --------------------------------------------------------------------------------- DNIS
+
+
+def test_dnis_ranks_the_synthetic_nights_classes_by_their_designed_change():
+    """synth.py darkens each class by a known factor (sky and building most, road least);
+    DNIS, from day images and *other* night images, must order classes accordingly."""
+    from scipy.stats import spearmanr
+
+    day, night = synthetic("day", 0, 24), synthetic("night", 1, 24)
+    d = DNIS(19, MEAN, STD, momentum=0.9)
+    value = d.update(d.step_sums(day[0], day[1], [night])).numpy()
+    seen = d.seen().numpy()
+    change = synth.night_change()
+    idx = np.flatnonzero(seen)
+    assert len(idx) >= 15
+    rho = spearmanr(1 - value[idx], change[idx]).statistic
+    order = [CLASSES[c] for c in idx[np.argsort(value[idx])]]  # least similar first
+    print(f"Spearman(1 - DNIS, designed change) = {rho:.2f}; least similar first: {order}")
+    assert rho >= 0.5
+    assert {"sky", "building"} <= set(order[:3]) and order[-1] == "road"
+
+
+def _dnis_split(env, day, night):
+    d = DNIS(19, MEAN, STD, momentum=0.5)
+    lo, hi = env.rank * 2, env.rank * 2 + 2  # each rank its own half of the same samples
+    for step in range(2):
+        sl = slice(lo + 4 * step, hi + 4 * step) if env.world_size == 2 else slice(4 * step, 4 * step + 4)
+        d.update(d.step_sums(day[0][sl], day[1][sl], [(night[0][sl], night[1][sl])]))
+    return d.sums.clone(), d.value()
+
+
+def test_dnis_on_two_ranks_equals_one_rank_over_the_same_samples():
+    day, night = synthetic("day", 3, 8, (128, 64)), synthetic("night", 4, 8, (128, 64))
+    (one_sums, one_value), = run_ranks(_dnis_split, 1, args=(day, night))
+    two = run_ranks(_dnis_split, 2, args=(day, night))
+    for sums, value in two:
+        torch.testing.assert_close(sums, one_sums, rtol=1e-12, atol=1e-9)
+        torch.testing.assert_close(value, one_value, rtol=1e-6, atol=1e-7)
+    assert torch.equal(two[0][0], two[1][0])  # identical on every rank
+
+
+def test_a_class_absent_from_a_step_keeps_its_dnis_and_unseen_classes_are_marked():
+    day, night = synthetic("day", 0, 4, (128, 64)), synthetic("night", 1, 4, (128, 64))
+    d = DNIS(19, MEAN, STD, momentum=0.9)
+    before = d.update(d.step_sums(day[0], day[1], [night]))
+    sky = CLASS_INDEX["sky"]
+    no_sky = [torch.where(s == sky, torch.full_like(s, 255), s) for s in (day[1], night[1])]
+    after = d.update(d.step_sums(day[0], no_sky[0], [(night[0], no_sky[1])]))
+    torch.testing.assert_close(after[sky], before[sky], rtol=1e-6, atol=0)
+    never = (d.sums[..., 0] == 0).any(0)
+    assert never.any() and (after[never] == 1).all() and not d.seen()[never].any()
+    logs = d.logs()
+    assert set(logs) == {f"dnis/{c}" for c in CLASSES} | {"dnis/seen_classes"}
+
+
+# ------------------------------------------------------------------------------ FIS / DMS
+
+
+def test_fis_picks_exactly_the_low_dnis_classes_and_never_a_protected_one():
+    dnis = torch.linspace(0, 1, 19)
+    seen = torch.ones(19, dtype=torch.bool)
+    seen[1] = False
+    chosen = fis_classes(dnis, seen, "bottom_k", 4, 0.0, protected=[2])
+    assert chosen.nonzero().flatten().tolist() == [0, 3, 4, 5]  # 1 unseen, 2 protected
+    chosen = fis_classes(dnis, seen, "threshold", 0, 0.2, protected=[0])
+    assert chosen.nonzero().flatten().tolist() == [2, 3]  # dnis < 0.2: 0..3; 0 protected, 1 unseen
+
+
+def test_dms_weights_fall_monotonically_with_dnis():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        dnis = torch.rand(19, generator=g)
+        seen = torch.rand(19, generator=g) > 0.2
+        w = dms_weights(dnis, seen, gamma=float(torch.rand(1, generator=g)) * 2 + 0.1, max_weight=0.75,
+                        protected=[6])
+        free = seen.clone()
+        free[6] = False  # protected: always 0
+        ws = w[free][torch.argsort(dnis[free])]
+        assert (ws[1:] <= ws[:-1] + 1e-7).all()  # non-increasing in DNIS
+        assert w.max() <= 0.75 + 1e-7 and w.min() >= 0 and w[6] == 0 and (w[~seen] == 0).all()
+    mixed = mix_probabilities(torch.softmax(torch.randn(1, 19, 4, 4), 1), torch.softmax(torch.randn(1, 19, 4, 4), 1),
+                              torch.rand(19))
+    torch.testing.assert_close(mixed.sum(1), torch.ones(1, 4, 4))
+
+
+def test_dms_monotone_including_protected_free_case():
+    dnis = torch.tensor([0.9, 0.1, 0.5, 0.3])
+    w = dms_weights(dnis, torch.ones(4, dtype=torch.bool), 1.0, 1.0, protected=[])
+    assert w.tolist() == pytest.approx([0.0, 1.0, 0.5, 0.75])
+    rate = prompt_class_masks(torch.tensor([[[0, 1, 2, 255]]]).expand(200, 1, 4).contiguous(), w, 1.0,
+                              torch.Generator().manual_seed(0)).float().mean((0, 1))
+    assert rate[0] == 0 and rate[1] == 1 and rate[3] == 0 and 0.3 < rate[2] < 0.7  # P = rate * w_c
+
+
+# ------------------------------------------------------------------------------------- RCM
+
+
+def test_rcm_never_exceeds_capacity_and_pasted_pixels_carry_their_class_with_weight_1():
+    g = torch.Generator().manual_seed(0)
+    bank = RareClassMemory([13, 6], capacity=3, patch=8, min_pixels=4, num_classes=19)
+    for step in range(6):
+        seg = torch.zeros(2, 32, 32, dtype=torch.long)
+        seg[:, 4:12, 4:12] = 13
+        seg[1, 20:24, 20:26] = 6
+        bank.add(torch.randn(2, 3, 32, 32, generator=g), seg, night=step % 2 == 1, generator=g)
+        assert (bank.filled <= 3).all()
+    assert bank.filled.tolist() == [3, 3] and bank.masks.shape[1] == 3
+    imgs, segs = torch.randn(2, 3, 32, 32, generator=g), torch.full((2, 32, 32), 5, dtype=torch.long)
+    weights = torch.full((2, 32, 32), 0.3)
+    out_img, out_seg, out_w, pasted = bank.paste(imgs, segs, weights, 2, g)
+    assert pasted.any()
+    assert set(out_seg[pasted].unique().tolist()) <= {13, 6} and (out_w[pasted] == 1).all()
+    assert (out_seg[~pasted] == 5).all() and (out_w[~pasted] == 0.3).all()
+    assert torch.equal(out_img[~pasted.unsqueeze(1).expand_as(imgs)], imgs[~pasted.unsqueeze(1).expand_as(imgs)])
+
+
+def test_rcm_lowers_the_threshold_of_rare_classes_only():
+    bank = RareClassMemory([13], capacity=1, patch=4, min_pixels=1, num_classes=19)
+    label = torch.tensor([[13, 13, 0, 0]])
+    prob = torch.tensor([[0.6, 0.8, 0.5, 0.5]])
+    bank.update_confidence(bank.confidence_sums(prob, label), momentum=0.0)
+    thr = bank.thresholds(0.968)
+    assert thr[13] == pytest.approx(0.7) and thr[0] == pytest.approx(0.968) and thr[1] == pytest.approx(0.968)
+
+
+# -------------------------------------------------------------------------- the method
+
+
+def _eglp_step(env):
+    from eglp_dist.methods import build_method
+
+    cfg = load_config(EGLP, ["data.source.crop_size=[64,64]", "data.target.crop_size=[64,64]",
+                             "data.prompt.crop_size=[64,64]", "schedule.warmup_iters=0"])
+    method = build_method(cfg, env, torch.device("cpu"))
+    g = torch.Generator().manual_seed(env.rank)
+    keys = []
+    for it in range(3):
+        seg = torch.randint(0, 19, (2, 64, 64), generator=g)
+        seg[:, 8:24, 8:24] = 13  # a rare class for the memory
+        b = {"source": {"img": torch.randn(2, 3, 64, 64, generator=g), "seg": seg},
+             "target": {"img": torch.randn(2, 3, 64, 64, generator=g)},
+             "prompt": {"img": torch.randn(2, 3, 64, 64, generator=g), "seg": seg.flip(-1)}}
+        logs = method.step(b, it)
+        assert all(torch.isfinite(v) for v in logs.values())
+        keys.append(sorted(logs))
+    assert keys[0] == keys[1] == keys[2]
+    return keys[-1], float(method.rcm.filled.max()), method.dnis.sums.clone()
+
+
+def test_eglp_logs_the_same_keys_on_every_rank_and_shares_dnis():
+    results = run_ranks(_eglp_step, 2)
+    keys = results[0][0]
+    assert keys == results[1][0]
+    assert {f"dnis/{c}" for c in CLASSES} <= set(keys)
+    assert {"rcm.pasted_pixels", "dms.mean_weight", "fusion.replaced", "night.mix.loss_seg"} <= set(keys)
+    assert results[0][1] > 0  # the memory holds patches
+    assert torch.equal(results[0][2], results[1][2])  # DNIS reduced: identical on both ranks
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from eglp_dist.demo import prepare_data
+
+    return prepare_data(tmp_path_factory.mktemp("data"), n_train=8, n_val=4, size=(256, 128))
+
+
+def _train(env, config, overrides):
+    from eglp_dist.train import train
+
+    return train(load_config(config, overrides))
+
+
+@pytest.mark.parametrize("engine", ["ddp", "zero2"])
+def test_eglp_resume_is_exact_on_two_ranks(shards, tmp_path, engine):
+    from eglp_dist.dist.engine import export_fp32
+
+    def args(out):
+        return [f"run.out_dir={out}", f"data.source.shards={shards['cityscapes_train']}",
+                f"data.target.shards={shards['acdc_night_train']}", f"data.prompt.shards={shards['prompt_night']}",
+                f"data.val.shards={shards['acdc_night_val']}", "trainer.log_interval=1", "trainer.image_interval=2",
+                "trainer.max_iters=4", "trainer.eval_interval=100", "trainer.ckpt_interval=2", f"engine={engine}",
+                "schedule.warmup_iters=2"]
+
+    run_ranks(_train, 2, args=(EGLP, args(tmp_path / "a")))
+    straight, resumed = tmp_path / "a" / "demo_eglp", tmp_path / "b" / "demo_eglp"
+    shutil.copytree(straight / "checkpoints" / "iter_0000002", resumed / "checkpoints" / "iter_0000002")
+    run_ranks(_train, 2, args=(EGLP, args(tmp_path / "b")))
+
+    def final(run: Path):
+        ckpt = run / "checkpoints" / "iter_0000004"
+        return ({n: export_fp32(ckpt / "engines" / n) for n in ("student", "nfnet")},
+                torch.load(ckpt / "modules.pt", weights_only=False),
+                [torch.load(p, weights_only=False) for p in sorted(ckpt.glob("rank_*.pt"))])
+
+    a, b = final(straight), final(resumed)
+    for n in a[0]:
+        for k in a[0][n]:
+            assert torch.equal(a[0][n][k], b[0][n][k]), (n, k)
+    for m in ("teacher", "nfnet_teacher", "dnis"):
+        for k, v in a[1][m].items():
+            assert torch.equal(v, b[1][m][k]), (m, k)
+    assert (a[1]["dnis"]["sums"][..., 0] > 0).any()  # DNIS has statistics to restore
+    for ra, rb in zip(a[2], b[2]):
+        assert ra["streams"] == rb["streams"]
+        for k, v in ra["method"]["rcm"].items():
+            assert torch.equal(v, rb["method"]["rcm"][k]), k
+        assert ra["method"]["rcm"]["filled"].sum() > 0  # the bank is in the checkpoint
+        assert torch.equal(ra["method"]["generator"], rb["method"]["generator"])
