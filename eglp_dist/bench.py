@@ -13,13 +13,22 @@ TOOLS = Path(__file__).resolve().parent.parent / "tools"
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    path = TOOLS / f"bench_{args.what}.py"
+    return run_tool(f"bench_{args.what}", args.bench_args)
+
+
+def ablate_cli(args: argparse.Namespace) -> int:
+    """`eglp ablate ...` = tools/ablate.py."""
+    return run_tool("ablate", args.tool_args)
+
+
+def run_tool(name: str, argv) -> int:
+    path = TOOLS / f"{name}.py"
     if not path.is_file():
-        raise UserError(f"benchmark script {path} not found")
+        raise UserError(f"tool script {path} not found")
     # Imported by name from tools/ on sys.path, not from a file spec: the multi-rank
     # benchmarks spawn processes that unpickle their worker as `bench_WHAT._work`, and
     # spawned children get the parent's sys.path, so they can import it the same way.
     if str(TOOLS) not in sys.path:
         sys.path.insert(0, str(TOOLS))
-    module = importlib.import_module(f"bench_{args.what}")
-    return int(module.main(args.bench_args) or 0)
+    module = importlib.import_module(name)
+    return int(module.main(argv) or 0)

@@ -23,6 +23,7 @@ HANDLERS: Dict[str, str] = {
     "synth": "eglp_dist.data.synth:run_cli",
     "convert-mit": "eglp_dist.models.convert:run_cli",
     "bench": "eglp_dist.bench:run_cli",
+    "ablate": "eglp_dist.bench:ablate_cli",
     "demo": "eglp_dist.demo:run_cli",
 }
 
@@ -103,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks: loader | step | engine")
     p.add_argument("what", choices=["loader", "step", "engine"])
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of tools/bench_WHAT.py")
+
+    p = sub.add_parser("ablate", help="EGLP ablation on synthetic day->night (tools/ablate.py)")
+    p.add_argument("tool_args", nargs=argparse.REMAINDER, help="arguments of tools/ablate.py")
 
     p = sub.add_parser("demo", help="synthetic day/night data -> shards -> 2-rank training -> mIoU")
     p.add_argument("--out", default="runs/demo")

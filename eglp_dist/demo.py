@@ -3,8 +3,9 @@
 synthetic Cityscapes (day, labelled) + synthetic ACDC night (target train unlabelled, val
 labelled) -> WebDataset shards -> ``torchrun --nproc_per_node 2 -m eglp_dist train`` of the
 tiny HRDA, first source-only, then DAFormer/HRDA UDA, then the PIG-style night branch (NFNet
-on 6 labelled synthetic night prompts, fused pseudo-labels), with the same seed, data and
-iterations -> night mIoU of each, side by side, and the TensorBoard command.
+on 6 labelled synthetic night prompts, fused pseudo-labels), then EGLP (DNIS, DMS, RCM), with
+the same seed, data and iterations -> night mIoU of each, side by side, and the TensorBoard
+command.
 
 The launch is the real one (torchrun, 2 gloo ranks), so the demo exercises exactly the code
 path of a cluster run. Data and runs are reused if present (delete ``--out`` to start over).
@@ -26,8 +27,8 @@ from eglp_dist.dist.env import free_port
 IMAGE_SIZE = (256, 128)  # W, H of the synthetic images
 NIGHT_SHIFT = 0.5  # half-strength night: a real gap that self-training can close
 N_TRAIN, N_VAL, N_PROMPT = 96, 24, 6
-METHODS = ("source_only", "uda", "pig")  # configs/demo/tiny_<method>.yaml, trained in this order
-COLUMNS = {"source_only": "source-only", "uda": "UDA", "pig": "PIG-style"}
+METHODS = ("source_only", "uda", "pig", "eglp")  # configs/demo/tiny_<method>.yaml, in this order
+COLUMNS = {"source_only": "source-only", "uda": "UDA", "pig": "PIG-style", "eglp": "EGLP"}
 DATASETS = [  # (layout, split, style, shift, images (None: n_train/n_val), shard folder)
     ("cityscapes", "train", "day", 1.0, None, "cityscapes_train"),
     ("acdc", "train", "night", NIGHT_SHIFT, None, "acdc_night_train"),

@@ -11,8 +11,11 @@ def test_bench_step_through_the_cli():
          "data.source.crop_size=[64,64]", "data.target.crop_size=[64,64]", "data.prompt.crop_size=[64,64]"],
         capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith(("source_only", "uda", "pig"))]
-    assert [(r[0], r[1]) for r in rows] == [(m, str(r)) for r in (0, 1) for m in ("source_only", "uda", "pig")]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith(("source_only", "uda", "pig", "eglp"))]
+    assert [(r[0], r[1]) for r in rows] == [(m, str(r)) for r in (0, 1) for m in ("source_only", "uda", "pig", "eglp")]
     assert all(float(r[2]) > 0 for r in rows)
     pig = [r for r in rows if r[0] == "pig"]
     assert all(0 < float(r[-1].rstrip("%")) < 100 for r in pig)  # the ranking's share of the step
+    eglp = [r for r in rows if r[0] == "eglp"]
+    assert all(0 < float(r[-1].rstrip("%")) < 100 for r in eglp)  # the statistics all-reduce's share
+    assert "EGLP / PIG step time" in proc.stdout

@@ -201,3 +201,21 @@ def test_pig_configs_hold_pigs_settings(name, scale, crop, window, seed):
     f = cfg.method.fusion
     assert (f.similarity, f.top_k, list(f.protected)) == ("lpips", 4, [6, 7, 15, 16, 17, 18])
     assert cfg.method.nfnet.enabled and not cfg.method.nfnet.model  # NFNet = the student's model
+
+
+@pytest.mark.parametrize("name,pig", [("city2nightcity.yaml", "city2nightcity_pig.yaml"),
+                                      ("city2nightcityplus.yaml", "city2nightcity_pig.yaml"),
+                                      ("city2acdc.yaml", "city2acdc_pig.yaml"),
+                                      ("city2darkzurich.yaml", "city2darkzurich_pig.yaml")])
+def test_eglp_configs_are_pigs_plus_eglps_parts(name, pig):
+    from omegaconf import OmegaConf
+
+    cfg, base = load_config(EGLP / name), load_config(EGLP / pig)
+    assert cfg.method.name == "eglp" and not cfg.method.fusion.enabled  # DNIS ranks, not LPIPS
+    e = cfg.method.eglp
+    assert e.dnis.enabled and e.fis.enabled and e.dms.enabled and e.rcm.enabled
+    assert e.rcm.patch <= min(cfg.data.target.crop_size)
+    for node in ("optim", "schedule", "trainer", "data", "model"):  # PIG's settings, unchanged
+        assert OmegaConf.to_container(cfg[node]) == OmegaConf.to_container(base[node]), node
+    for key in ("pseudo", "mix", "fd", "nfnet", "teacher"):
+        assert OmegaConf.to_container(cfg.method[key]) == OmegaConf.to_container(base.method[key]), key

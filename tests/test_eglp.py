@@ -202,7 +202,7 @@ def _train(env, config, overrides):
     return train(load_config(config, overrides))
 
 
-@pytest.mark.parametrize("engine", ["ddp", "zero2"])
+@pytest.mark.parametrize("engine", ["ddp", pytest.param("zero2", marks=pytest.mark.slow)])
 def test_eglp_resume_is_exact_on_two_ranks(shards, tmp_path, engine):
     from eglp_dist.dist.engine import export_fp32
 

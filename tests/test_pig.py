@@ -229,7 +229,7 @@ def _final(run_dir: Path, step: int):
     return engines, modules, ranks
 
 
-@pytest.mark.parametrize("engine", ["ddp", "zero2"])
+@pytest.mark.parametrize("engine", ["ddp", pytest.param("zero2", marks=pytest.mark.slow)])
 def test_pig_resume_is_exact_on_two_ranks(shards, tmp_path, engine):
     common = ["trainer.max_iters=4", "trainer.eval_interval=100", "trainer.ckpt_interval=2", f"engine={engine}",
               "schedule.warmup_iters=2"]

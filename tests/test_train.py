@@ -91,6 +91,7 @@ def test_uda_resume_is_exact_on_two_ranks(shards, tmp_path, engine):
     assert in_training["IoU"] == from_checkpoint["IoU"]
 
 
+@pytest.mark.slow  # four 2-rank torchrun trainings: `make test-all` (what CI runs)
 def test_demo_end_to_end_through_torchrun(tmp_path):
     """`eglp demo` as a user runs it: synth + pack, two torchrun launches of 2 ranks each
     (the console entry, its exit path and the launcher's environment), evaluation, report."""
@@ -101,11 +102,11 @@ def test_demo_end_to_end_through_torchrun(tmp_path):
 
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "eglp_dist", "demo", "--out", str(out), "--iters", "3"],
-                          capture_output=True, text=True, timeout=400,
+                          capture_output=True, text=True, timeout=500,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "mIoU" in proc.stdout and "tensorboard --logdir" in proc.stdout and "PIG-style" in proc.stdout
-    for name in ("demo_source_only", "demo_uda", "demo_pig"):
+    assert "mIoU" in proc.stdout and "tensorboard --logdir" in proc.stdout and "PIG-style" in proc.stdout and "EGLP" in proc.stdout
+    for name in ("demo_source_only", "demo_uda", "demo_pig", "demo_eglp"):
         run = out / "runs" / name
         result = json.loads((run / "eval.jsonl").read_text().splitlines()[-1])
         assert result["iter"] == 3 and 0.0 <= result["mIoU"] <= 1.0

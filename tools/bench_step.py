@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Seconds per training iteration and peak memory per rank: source-only vs UDA vs PIG-style,
-side by side, and the share of the PIG step spent on its class-similarity ranking.
+"""Seconds per training iteration and peak memory per rank: source-only vs UDA vs PIG-style vs
+EGLP, side by side; the share of the PIG step spent on its class-similarity ranking and of
+the EGLP step spent in its one statistics all-reduce (DNIS + RCM sums).
 
 Spawns ``--ranks`` processes (gloo on CPU, NCCL where CUDA is visible: the same code), builds
 each method from the given config exactly as ``eglp train`` does (same engines, EMA teacher,
@@ -12,8 +13,10 @@ process's peak resident set (ru_maxrss, which includes the interpreter and libra
     python tools/bench_step.py --config configs/demo/tiny_pig.yaml --ranks 2 --iters 10
     python tools/bench_step.py --config configs/demo/tiny_pig.yaml model=tiny_daformer
 
-The config is the PIG one (it holds the UDA recipe plus the prompt stream); each method is
-that config with ``method.name`` set, so all share data shapes, model and schedule.
+The config is the EGLP one (it holds the UDA recipe, the prompt stream, PIG's and EGLP's
+parts); each method is that config with ``method.name`` set, so all share data shapes, model
+and schedule. PIG runs with its similarity fusion on (``method.fusion.enabled=true``), as in
+tiny_pig.yaml; EGLP with DNIS instead.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ import torch  # noqa: E402
 
 import eglp_dist  # noqa: E402,F401
 
-METHODS = ["source_only", "uda", "pig"]
+METHODS = ["source_only", "uda", "pig", "eglp"]
 
 
 def fake_batch(stream_cfg, num_classes: int, device, generator: torch.Generator) -> dict:
@@ -62,13 +65,35 @@ def _time_similarity(method, device) -> list:
     return spent
 
 
+def _time_reduction(device) -> list:
+    """Record the seconds of every comm.all_reduce_sum (in a step, only EGLP's statistics)."""
+    from eglp_dist.dist import comm
+
+    spent: list = []
+    inner = comm.all_reduce_sum
+
+    def timed(tensor):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        out = inner(tensor)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        spent.append(time.perf_counter() - t0)
+        return out
+
+    comm.all_reduce_sum = timed
+    return spent
+
+
 def _work(env, config, overrides, name, warmup, iters):
     """One method in fresh processes, so each one's peak memory is its own."""
     from eglp_dist.config import load_config
     from eglp_dist.methods import build_method
 
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    cfg = load_config(config, [*overrides, f"method.name={name}"])
+    extra = ["method.fusion.enabled=true"] if name == "pig" else []
+    cfg = load_config(config, [*overrides, f"method.name={name}", *extra])
     method = build_method(cfg, env, device)
     g = torch.Generator().manual_seed(env.rank)
     batches = [{s: fake_batch(getattr(cfg.data, s), cfg.model.num_classes, device, g)
@@ -76,6 +101,7 @@ def _work(env, config, overrides, name, warmup, iters):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     ranking = _time_similarity(method, device)
+    reduction = _time_reduction(device) if name == "eglp" else []
     times = []
     for it in range(warmup + iters):
         if device.type == "cuda":
@@ -87,10 +113,12 @@ def _work(env, config, overrides, name, warmup, iters):
             times.append(time.perf_counter() - t0)
         else:
             ranking.clear()
+            reduction.clear()
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"s_per_iter": statistics.median(times), "peak_bytes": peak,
             "ranking_share": sum(ranking) / sum(times) if ranking else None,
+            "reduce_share": sum(reduction) / sum(times) if reduction else None,
             "params": sum(p.numel() for p in method.student.model.parameters()),
             "model": cfg.model.name, "batch": cfg.data.source.batch_size,
             "crop": list(cfg.data.source.crop_size)}
@@ -98,7 +126,7 @@ def _work(env, config, overrides, name, warmup, iters):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(ROOT / "configs" / "demo" / "tiny_pig.yaml"))
+    p.add_argument("--config", default=str(ROOT / "configs" / "demo" / "tiny_eglp.yaml"))
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--warmup", type=int, default=2)
@@ -115,17 +143,22 @@ def main(argv=None) -> int:
           f"{first['crop']}, {a.ranks} ranks ({kind}), median of {a.iters} iterations")
     mem = "peak alloc" if torch.cuda.is_available() else "peak RSS"
     print(f"{'method':<12}{'rank':>5}{'s/iter':>9}{'x src':>7}{'x uda':>7}{mem:>13}{'x src':>7}{'x uda':>7}"
-          f"{'ranking':>9}")
+          f"{'ranking':>9}{'reduce':>8}")
     for rank, rows in enumerate(per_rank):
         base, uda = rows["source_only"], rows["uda"]
         for name in METHODS:
             r = rows[name]
             share = "" if r["ranking_share"] is None else f"{100 * r['ranking_share']:.1f}%"
+            red = "" if r["reduce_share"] is None else f"{100 * r['reduce_share']:.2f}%"
             print(f"{name:<12}{rank:>5}{r['s_per_iter']:>9.3f}{r['s_per_iter'] / base['s_per_iter']:>7.2f}"
                   f"{r['s_per_iter'] / uda['s_per_iter']:>7.2f}"
                   f"{r['peak_bytes'] / 2**20:>10.0f}MiB{r['peak_bytes'] / base['peak_bytes']:>7.2f}"
-                  f"{r['peak_bytes'] / uda['peak_bytes']:>7.2f}{share:>9}")
-    print("ranking: share of the step spent in the class-similarity ranking (PIG's fusion)")
+                  f"{r['peak_bytes'] / uda['peak_bytes']:>7.2f}{share:>9}{red:>8}")
+    print("ranking: share of the step in the class-similarity ranking (PIG's fusion); reduce: share of the "
+          "step in EGLP's one statistics all-reduce (DNIS + RCM sums)")
+    if "pig" in METHODS and "eglp" in METHODS:
+        ratios = [rows["eglp"]["s_per_iter"] / rows["pig"]["s_per_iter"] for rows in per_rank]
+        print(f"EGLP / PIG step time: {', '.join(f'{x:.2f}' for x in ratios)} (per rank)")
     return 0
 
 
