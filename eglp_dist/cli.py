@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="synthetic day/night data -> shards -> 2-rank training -> mIoU")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--iters", type=int, default=None, help="iterations per training (default: demo.DEMO_ITERS)")
     return parser
 
 

@@ -44,45 +44,34 @@ def fake_batch(stream_cfg, num_classes: int, device, generator: torch.Generator)
     return {"img": img, "seg": seg, "meta": [{}] * b}
 
 
-def _time_similarity(method, device) -> list:
-    """Wrap the method's similarity ranking (if it has one) to record its seconds per call."""
-    spent: list = []
-    inner = getattr(method, "similarity", None)
-    if inner is None:
-        return spent
-
+def _timed(fn, device, spent: list):
+    """``fn`` that also appends its seconds (GPU work included) to ``spent``."""
     def timed(*args):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        out = inner(*args)
+        out = fn(*args)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         spent.append(time.perf_counter() - t0)
         return out
+    return timed
 
-    method.similarity = timed
+
+def _time_similarity(method, device) -> list:
+    """Seconds of each call of the method's similarity ranking (if it has one)."""
+    spent: list = []
+    if getattr(method, "similarity", None) is not None:
+        method.similarity = _timed(method.similarity, device, spent)
     return spent
 
 
 def _time_reduction(device) -> list:
-    """Record the seconds of every comm.all_reduce_sum (in a step, only EGLP's statistics)."""
+    """Seconds of every comm.all_reduce_sum (within a step, only EGLP's statistics)."""
     from eglp_dist.dist import comm
 
     spent: list = []
-    inner = comm.all_reduce_sum
-
-    def timed(tensor):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        out = inner(tensor)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        spent.append(time.perf_counter() - t0)
-        return out
-
-    comm.all_reduce_sum = timed
+    comm.all_reduce_sum = _timed(comm.all_reduce_sum, device, spent)
     return spent
 
 

@@ -25,7 +25,7 @@ from eglp_dist.data.labels import IGNORE_INDEX
 from eglp_dist.data.sampling import Pick
 
 CAT_MAX_TRIES = 10  # MMSeg RandomCrop
-RCS_TRIES = 10  # DAFormer get_rare_class_sample
+RCS_TRIES = 11  # DAFormer get_rare_class_sample: the first crop and up to 10 re-crops
 
 
 @dataclass
@@ -112,8 +112,9 @@ class Augmenter:
     def draw(self, rng: np.random.Generator, hw: Tuple[int, int], label: Optional[np.ndarray],
              pick: Pick = Pick(-1)) -> Tuple[Geometry, Optional[np.ndarray]]:
         """(geometry, label crop uint8 [pad_hw] with 255 padding, already flipped) of a sample
-        of size ``hw``. With RCS, the whole draw is retried (<= 10x) until the crop holds more
-        than ``min_class_pixels`` of the picked class, as in DAFormer."""
+        of size ``hw``. With RCS, the whole draw is retried (the first crop and up to 10 more)
+        until the crop holds more than ``min_class_pixels`` of the picked class, as in
+        DAFormer's ``uda_dataset.py`` (``for j in range(10)`` after the first sample)."""
         tries = RCS_TRIES if (self.min_class_pixels is not None and pick.cls >= 0
                               and label is not None) else 1
         for _ in range(tries):

@@ -111,8 +111,7 @@ class EGLP(PIG):
             return
         if self.dnis is None:  # PIG's fusion by image similarity (the ablation without DNIS+DMS)
             if self.similarity is not None:
-                self.fuse_by_similarity(s, uda_label)
-                s.logs["fusion.replaced"] = (s.plabel != uda_label).float().mean()
+                self.fuse_by_similarity(s)
             return
         seen = self.dnis.seen()
         if e.dms.enabled:
@@ -130,16 +129,6 @@ class EGLP(PIG):
                                    list(e.fis.protected))
             s.extra["fis_classes"] = chosen
         s.logs["fusion.replaced"] = (s.plabel != uda_label).float().mean()
-
-    def fuse_by_similarity(self, s: StepState, uda_label) -> None:
-        """PIG's pseudo_label_step fusion, on labels already made (shared with PIG)."""
-        from eglp_dist.eglp.fusion import top_k_classes
-
-        src, tgt = s.batches["source"], s.batches["target"]
-        f = self.cfg.method.fusion
-        night = self.night_label(tgt["img"])
-        scores = self.similarity(src["img"], src["seg"], tgt["img"], uda_label)
-        s.plabel = fuse_labels(uda_label, night, top_k_classes(scores, f.top_k), list(f.protected))
 
     def prompt_paste_step(self, s: StepState) -> None:
         """DMS: prompt pixels of low-DNIS classes into the student's mixed image (weight 1)."""

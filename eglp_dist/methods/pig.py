@@ -79,8 +79,12 @@ class PIG(UDA):
 
     def pseudo_label_step(self, s: StepState) -> None:
         super().pseudo_label_step(s)
-        if self.similarity is None:
-            return
+        if self.similarity is not None:
+            self.fuse_by_similarity(s)
+
+    def fuse_by_similarity(self, s: StepState) -> None:
+        """PIG's fusion of ``s.plabel`` (the UDA teacher's label) with the NFNet teacher's:
+        the ``top_k`` least similar classes of each image, protected classes excepted."""
         src, tgt = s.batches["source"], s.batches["target"]
         f = self.cfg.method.fusion
         night = self.night_label(tgt["img"])

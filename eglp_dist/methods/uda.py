@@ -152,7 +152,9 @@ class UDA(Method):
             _, losses_mic, logs_mic = self.train_forward(self.student, masked, s.plabel, s.pweight,
                                                          prefix="masked")
             s.logs.update(logs_mic)
-            self.student.backward(m.mic.weight * losses_mic["loss"])
+            # MIC scales only the masked image's decode loss (``decode.loss_seg``: HRDA's fused
+            # term), not HRDA's detail term (masking_consistency_module.py)
+            self.student.backward(losses_mic["loss"] + (m.mic.weight - 1.0) * losses_mic["loss_seg"])
         s.visuals.update(tgt_img=tgt["img"], tgt_pseudo=s.plabel, tgt_seg=tgt.get("seg"),
                          mix_img=s.mixed_img, mix_seg=s.mixed_seg, mix_pred=out["logits"][:1].argmax(1))
 
