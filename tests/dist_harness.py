@@ -61,6 +61,14 @@ def _entry(rank: int, fn: Callable, world: int, port: int, args: Sequence[Any], 
     exit_without_finalizers(0)
 
 
+def train_worker(env, config, overrides):
+    """A worker for run_ranks: `eglp train CONFIG OVERRIDES` on this rank."""
+    from eglp_dist.config import load_config
+    from eglp_dist.train import train
+
+    return train(load_config(config, overrides))
+
+
 def slurm_port() -> int:
     """A free port in the range SLURM-style port derivation (15000 + job id % 20000) covers."""
     for port in range(25000, 35000, 7):

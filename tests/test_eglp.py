@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dist_harness import run_ranks
+from dist_harness import run_ranks, train_worker
 from eglp_dist.config import PACKAGE_CONFIG_ROOT, load_config
 from eglp_dist.data import synth
 from eglp_dist.data.labels import CLASS_INDEX, CLASSES
@@ -196,12 +196,6 @@ def shards(tmp_path_factory):
     return prepare_data(tmp_path_factory.mktemp("data"), n_train=8, n_val=4, size=(256, 128))
 
 
-def _train(env, config, overrides):
-    from eglp_dist.train import train
-
-    return train(load_config(config, overrides))
-
-
 @pytest.mark.parametrize("engine", ["ddp", pytest.param("zero2", marks=pytest.mark.slow)])
 def test_eglp_resume_is_exact_on_two_ranks(shards, tmp_path, engine):
     from eglp_dist.dist.engine import export_fp32
@@ -213,10 +207,10 @@ def test_eglp_resume_is_exact_on_two_ranks(shards, tmp_path, engine):
                 "trainer.max_iters=4", "trainer.eval_interval=100", "trainer.ckpt_interval=2", f"engine={engine}",
                 "schedule.warmup_iters=2"]
 
-    run_ranks(_train, 2, args=(EGLP, args(tmp_path / "a")))
+    run_ranks(train_worker, 2, args=(EGLP, args(tmp_path / "a")))
     straight, resumed = tmp_path / "a" / "demo_eglp", tmp_path / "b" / "demo_eglp"
     shutil.copytree(straight / "checkpoints" / "iter_0000002", resumed / "checkpoints" / "iter_0000002")
-    run_ranks(_train, 2, args=(EGLP, args(tmp_path / "b")))
+    run_ranks(train_worker, 2, args=(EGLP, args(tmp_path / "b")))
 
     def final(run: Path):
         ckpt = run / "checkpoints" / "iter_0000004"

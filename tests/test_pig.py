@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_harness import run_ranks
+from dist_harness import run_ranks, train_worker
 from eglp_dist.config import PACKAGE_CONFIG_ROOT, load_config
 from eglp_dist.eglp.fusion import fuse_labels, top_k_classes
 from eglp_dist.eglp.nfnet import dark_mix, uses_ams
@@ -213,12 +213,6 @@ def _overrides(shards, out, *extra):
             *extra]
 
 
-def _train(env, config, overrides):
-    from eglp_dist.train import train
-
-    return train(load_config(config, overrides))
-
-
 def _final(run_dir: Path, step: int):
     from eglp_dist.dist.engine import export_fp32
 
@@ -233,10 +227,10 @@ def _final(run_dir: Path, step: int):
 def test_pig_resume_is_exact_on_two_ranks(shards, tmp_path, engine):
     common = ["trainer.max_iters=4", "trainer.eval_interval=100", "trainer.ckpt_interval=2", f"engine={engine}",
               "schedule.warmup_iters=2"]
-    run_ranks(_train, 2, args=(PIG, _overrides(shards, tmp_path / "a", *common)))
+    run_ranks(train_worker, 2, args=(PIG, _overrides(shards, tmp_path / "a", *common)))
     straight, resumed = tmp_path / "a" / "demo_pig", tmp_path / "b" / "demo_pig"
     shutil.copytree(straight / "checkpoints" / "iter_0000002", resumed / "checkpoints" / "iter_0000002")
-    run_ranks(_train, 2, args=(PIG, _overrides(shards, tmp_path / "b", *common)))
+    run_ranks(train_worker, 2, args=(PIG, _overrides(shards, tmp_path / "b", *common)))
     a, b = _final(straight, 4), _final(resumed, 4)
     for name in ("student", "nfnet"):
         for k in a[0][name]:

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_harness import run_ranks
+from dist_harness import run_ranks, train_worker
 from eglp_dist.config import PACKAGE_CONFIG_ROOT, load_config
 
 DEMO = PACKAGE_CONFIG_ROOT / "demo"
@@ -22,12 +22,6 @@ def overrides(shards, out, *extra):
             f"data.target.shards={shards['acdc_night_train']}",
             f"data.val.shards={shards['acdc_night_val']}", "trainer.log_interval=1",
             "trainer.image_interval=2", *extra]
-
-
-def _train(env, config, overrides_):
-    from eglp_dist.train import train
-
-    return train(load_config(config, overrides_))
 
 
 def _eval_checkpoint(env, config, overrides_, checkpoint):
@@ -65,10 +59,10 @@ def test_uda_resume_is_exact_on_two_ranks(shards, tmp_path, engine):
     common = ["trainer.max_iters=4", "trainer.eval_interval=100", "trainer.ckpt_interval=2",
               f"engine={engine}", "schedule.warmup_iters=2", "method.mic.enabled=true",
               "method.fd.enabled=true"]
-    run_ranks(_train, 2, args=(cfg, overrides(shards, tmp_path / "a", *common)))
+    run_ranks(train_worker, 2, args=(cfg, overrides(shards, tmp_path / "a", *common)))
     straight_dir, resumed_dir = tmp_path / "a" / "demo_uda", tmp_path / "b" / "demo_uda"
     shutil.copytree(straight_dir / "checkpoints" / "iter_0000002", resumed_dir / "checkpoints" / "iter_0000002")
-    run_ranks(_train, 2, args=(cfg, overrides(shards, tmp_path / "b", *common)))
+    run_ranks(train_worker, 2, args=(cfg, overrides(shards, tmp_path / "b", *common)))
     straight, resumed = _final_state(straight_dir, 4), _final_state(resumed_dir, 4)
     for k in straight[0]:
         assert torch.equal(straight[0][k], resumed[0][k]), k
