@@ -146,8 +146,7 @@ def _train_locked(cfg, env, device, method, streams, val_loader, run_dir: Path) 
         evaluate_now = val_loader is not None and should(it, t.eval_interval, t.max_iters)
         save_now = should(it, t.ckpt_interval, t.max_iters)
         if evaluate_now or save_now:
-            for engine in method.engines.values():
-                engine.sync_buffers()  # one model on every rank (see Engine.sync_buffers)
+            method.sync_buffers()  # one model on every rank (see Engine.sync_buffers)
         if save_now:  # before evaluating: an evaluation that fails must not cost the checkpoint
             save_checkpoint(ckpt_root, it, method.engines, method.modules,
                             {"method": cfg.method.name, "config": to_plain(cfg)},

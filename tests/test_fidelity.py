@@ -73,3 +73,25 @@ def test_mic_weight_scales_only_the_masked_decode_loss():
     (loss, parts), = run_ranks(_mic_backward, 1, args=(3.0,))
     assert parts["loss_seg"] > 0 and parts["loss_seg_hr"] > 0  # (threshold 0.01: pseudo weights 1)
     torch.testing.assert_close(loss, 3.0 * parts["loss_seg"] + parts["loss_seg_hr"])
+
+
+def _teacher_bn(env):
+    from eglp_dist.dist.ema import EMATeacher
+
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    teacher = EMATeacher(student)
+    g = torch.Generator().manual_seed(env.rank)  # each rank its own target batch
+    with torch.no_grad():
+        teacher.pseudo_label_mode()(torch.randn(2, 3, 8, 8, generator=g) * (env.rank + 1))
+    before = teacher.module[1].running_var.clone()
+    teacher.sync_buffers()
+    return before, teacher.module[1].running_var.clone()
+
+
+def test_ema_teacher_batch_norm_statistics_are_one_model_after_sync():
+    """The teacher's BN runs in training mode (DAFormer), so its running statistics drift
+    per rank; synced where the students' are, the checkpoint's teacher is every rank's."""
+    (b0, a0), (b1, a1) = run_ranks(_teacher_bn, 2)
+    assert not torch.equal(b0, b1)  # drifted apart
+    assert torch.equal(a0, b0) and torch.equal(a1, b0)  # rank 0's everywhere

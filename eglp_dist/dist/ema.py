@@ -1,8 +1,9 @@
 """EMA teacher (mean teacher of DACS/DAFormer/HRDA).
 
-The teacher is a plain module beside the engines, never wrapped: it gets no gradients and
-needs no communication. Its batch norms run in training mode as in DAFormer (only dropout
-and drop-path are switched off). It tracks the *unwrapped* student (``engine.model``), whose
+The teacher is a plain module beside the engines, never wrapped: it gets no gradients. Its
+batch norms run in training mode as in DAFormer (only dropout and drop-path are switched
+off), so their running statistics drift apart per rank; ``sync_buffers`` (called with the
+students') gives every rank rank 0's before evaluation and checkpoint. It tracks the *unwrapped* student (``engine.model``), whose
 parameters are full and identical on every rank under DDP and under ZeRO-1/2 (those stages
 partition optimizer state and gradients, not parameters), so every rank's teacher is the same.
 
@@ -53,6 +54,15 @@ class EMATeacher:
         torch._foreach_mul_(teacher_params, alpha)
         torch._foreach_add_(teacher_params, student_params, alpha=1.0 - alpha)
         return alpha
+
+    def sync_buffers(self) -> None:
+        """Rank 0's buffers on every rank. The teacher's batch norms run in training mode (as
+        DAFormer's), so each rank's running statistics follow its own target batches; the
+        loop calls this where it syncs the students' (before evaluation and checkpoint), so
+        the checkpoint's "identical on every rank" holds for a BN network too."""
+        from eglp_dist.dist import comm
+
+        comm.broadcast_tensors(list(self.module.buffers()), src=0)
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return self.module.state_dict()

@@ -78,6 +78,15 @@ class Method:
         ``*_seg`` label maps (train ids, 255 ignored), ``*_pred`` logits or label maps."""
         return self._visuals
 
+    def sync_buffers(self) -> None:
+        """Rank 0's buffers (batch-norm statistics) in every engine and everything beside them
+        that has buffers (EMA teachers): before evaluation and checkpoint, one model everywhere."""
+        for engine in self.engines.values():
+            engine.sync_buffers()
+        for state in self.modules.values():
+            if hasattr(state, "sync_buffers"):
+                state.sync_buffers()
+
     def lrs(self) -> Dict[str, float]:
         return {f"{name}/{i}": lr for name, eng in self.engines.items() for i, lr in enumerate(eng.lrs())}
 
