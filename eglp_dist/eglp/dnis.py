@@ -6,8 +6,8 @@ weights follow it) but publishes no formula; this is ours, built to the house ru
 * **What is compared**: per class c, the appearance of c by day (source pixels whose ground
   truth is c) and by night (prompt pixels whose ground truth is c, and target pixels whose
   pseudo-label is c with confidence >= ``min_confidence``). Appearance = the four pixel
-  features of :func:`~eglp_dist.eglp.similarity.pixel_features` (R, G, B in [0, 1], Sobel
-  gradient magnitude).
+  features of :func:`~eglp_dist.eglp.similarity.pixel_features` (log-intensity R, G, B and
+  their Sobel gradient magnitude).
 * **Kept as sums**: per side and class, [count, sum, sum of squares] of each feature, in
   float64. One step's sums of both sides are packed into one flat tensor and all-reduced
   (SUM) once, so N ranks see exactly the sums one rank would over the union of their samples.
@@ -31,7 +31,7 @@ from torch import Tensor
 
 from eglp_dist.data.labels import CLASSES
 from eglp_dist.dist import comm
-from eglp_dist.eglp.similarity import NUM_FEATURES, class_sums, moments, pixel_features
+from eglp_dist.eglp.similarity import NUM_FEATURES, class_sums, pixel_features, stats_distance
 
 WIDTH = 1 + 2 * NUM_FEATURES  # count, sums, sums of squares
 
@@ -60,10 +60,14 @@ class DNIS:
 
     def update(self, step_sums: Tensor) -> Tensor:
         """Collective: all-reduce this step's sums (one SUM), fold them into the running sums,
-        return the DNIS per class. Every rank must call it every step, with or without data."""
-        reduced = comm.all_reduce_sum(step_sums.reshape(-1).to(self.sums)).view_as(self.sums)
-        self.sums.mul_(self.momentum).add_(reduced)
+        return the DNIS per class. Every rank must call it every step, with or without data.
+        (EGLP reduces these sums together with RCM's in one collective and calls ``fold``.)"""
+        self.fold(comm.all_reduce_sum(step_sums.reshape(-1).to(self.sums)))
         return self.value()
+
+    def fold(self, reduced: Tensor) -> None:
+        """Running sums <- momentum * running sums + this step's (already reduced) sums."""
+        self.sums.mul_(self.momentum).add_(reduced.view_as(self.sums).to(self.sums))
 
     # -- derived ---------------------------------------------------------------------------
     def seen(self) -> Tensor:
@@ -72,10 +76,7 @@ class DNIS:
 
     def value(self) -> Tensor:
         """(K,) float32 in [0, 1]: exp(-distance / temperature); 1 for unseen classes."""
-        _, m_day, s_day = moments(self.sums[0])
-        _, m_night, s_night = moments(self.sums[1])
-        d = ((m_day - m_night).abs() + (s_day - s_night).abs()).sum(-1)
-        sim = torch.exp(-d / self.temperature)
+        sim = torch.exp(-stats_distance(self.sums[0], self.sums[1]) / self.temperature)
         return torch.where(self.seen(), sim, torch.ones_like(sim)).float()
 
     def logs(self, value: Optional[Tensor] = None) -> Dict[str, Tensor]:

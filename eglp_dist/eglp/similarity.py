@@ -124,9 +124,10 @@ class LpipsSimilarity:
             raise DataError(f"{alexnet_path}: AlexNet weight file not found (method.fusion.lpips_alexnet)")
         import lpips
 
+        from eglp_dist.weights import read_weight_file
+
         self.net = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)
-        state = torch.load(alexnet_path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
+        state = read_weight_file(alexnet_path)  # tensor-only load, container unwrapped, errors named
         for slice_ in (self.net.net.slice1, self.net.net.slice2, self.net.net.slice3,
                        self.net.net.slice4, self.net.net.slice5):
             for idx, layer in slice_.named_children():

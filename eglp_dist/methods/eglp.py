@@ -79,7 +79,7 @@ class EGLP(PIG):
         flat = comm.all_reduce_sum(torch.cat([p.double() for p in parts]))  # the one collective
         if self.dnis is not None:
             n = 2 * k * WIDTH
-            self.dnis.sums.mul_(self.dnis.momentum).add_(flat[:n].view_as(self.dnis.sums))
+            self.dnis.fold(flat[:n])
             flat = flat[n:]
         if self.rcm is not None:
             self.rcm.update_confidence(flat.view(2, k), self.cfg.method.eglp.rcm.momentum)
@@ -106,7 +106,6 @@ class EGLP(PIG):
         if self.dnis is not None:
             dnis = self.dnis.value()
             s.logs.update(self.dnis.logs(dnis))
-            s.extra["dnis"] = dnis
         if self.nfnet is None:
             return
         if self.dnis is None:  # PIG's fusion by image similarity (the ablation without DNIS+DMS)
@@ -127,7 +126,6 @@ class EGLP(PIG):
             chosen = fis_classes(dnis, seen, e.fis.mode, e.fis.k, e.fis.threshold, list(e.fis.protected))
             s.plabel = fuse_labels(uda_label, night, chosen.expand(uda_label.shape[0], -1),
                                    list(e.fis.protected))
-            s.extra["fis_classes"] = chosen
         s.logs["fusion.replaced"] = (s.plabel != uda_label).float().mean()
 
     def prompt_paste_step(self, s: StepState) -> None:

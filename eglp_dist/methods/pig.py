@@ -92,7 +92,6 @@ class PIG(UDA):
         selected = top_k_classes(scores, f.top_k)
         fused = fuse_labels(s.plabel, night, selected, list(f.protected))
         s.logs["fusion.replaced"] = (fused != s.plabel).float().mean()
-        s.extra.update(uda_label=s.plabel, night_label=night, selected=selected)
         s.plabel = fused
 
     def night_step(self, s: StepState) -> None:
@@ -117,7 +116,6 @@ class PIG(UDA):
             _, losses, logs = self.train_forward(self.nfnet, img, seg, prefix="night.mix")
             s.logs.update(logs)
             self.nfnet.backward(losses["loss"])
-            s.extra["dark_mix"] = (img, seg)
 
     # -- pieces ----------------------------------------------------------------------------
     def night_label(self, images):
