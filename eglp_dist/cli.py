@@ -46,10 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     # The DeepSpeed launcher appends --local_rank=N to the script's arguments.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
-    p = sub.add_parser("eval", help="distributed mIoU of a checkpoint on the config's validation data")
+    p = sub.add_parser("eval", help="distributed mIoU of a checkpoint on every evaluation target (data.val)")
     p.add_argument("config")
     p.add_argument("checkpoint", help="checkpoint folder (e.g. runs/x/checkpoints/latest)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--targets", nargs="+", metavar="NAME", default=None,
+                   help="evaluate only these targets of data.val (default: every one with shards)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
     p = sub.add_parser("predict", help="write one prediction PNG per image (server formats)")
@@ -57,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--split", default="val", choices=["val", "test"])
+    p.add_argument("--target", default=None, metavar="NAME",
+                   help="--split val: which target of data.val (needed when several have shards)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--format", default="trainid", choices=["trainid", "labelid", "color"])
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -105,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["loader", "step", "engine"])
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of tools/bench_WHAT.py")
 
-    p = sub.add_parser("ablate", help="EGLP ablation on synthetic day->night (tools/ablate.py)")
+    p = sub.add_parser("ablate", help="method ablations on synthetic data: eglp (day->night, default) or spn (DG); tools/ablate.py")
     p.add_argument("tool_args", nargs=argparse.REMAINDER, help="arguments of tools/ablate.py")
 
     p = sub.add_parser("demo", help="synthetic day/night data -> shards -> 2-rank training -> mIoU")

@@ -30,7 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from eglp_dist.atomic import write_text_atomic
 from eglp_dist.config_fields import CHOICES, choice, non_negative, positive
-from eglp_dist.data.config import DataConfig
+from eglp_dist.data.config import DataConfig, check_data_config
 from eglp_dist.errors import ConfigError
 from eglp_dist.methods.config import MethodConfig
 from eglp_dist.models.config import ModelConfig
@@ -211,6 +211,37 @@ def check_keys(schema: DictConfig, update: Any, origin: str, prefix: str = "") -
         _check_shape(sub, value, full, origin)
         if isinstance(sub, DictConfig) and not _is_open_dict(sub):
             check_keys(sub, value, origin, full + ".")
+        elif isinstance(sub, DictConfig) and _section_type(sub) is not None:
+            _check_sections(sub, value, origin, full)
+
+
+def _section_type(node: DictConfig) -> Optional[type]:
+    """The dataclass of the values of a ``Dict[str, Section]`` field (e.g. ``data.val``)."""
+    element = node._metadata.element_type
+    return element if dataclasses.is_dataclass(element) else None
+
+
+def _check_sections(schema: DictConfig, update: Any, origin: str, key: str) -> None:
+    """Each entry of a mapping of sections, checked as that section; a key of the section
+    written directly under the mapping (the single-stream ``data.val.shards=...`` of older
+    configs) gets an error that says how to name the entry."""
+    if not isinstance(update, DictConfig):
+        return
+    section = _section_type(schema)
+    fields = [f.name for f in dataclasses.fields(section)]
+    element = OmegaConf.structured(section)
+    where = f" (in {origin})" if origin else ""
+    for name in update.keys():
+        value = update._get_node(name)
+        if name in fields:
+            raise ConfigError(
+                f"config key '{key}.{name}'{where}: {key} maps names to sections ({', '.join(fields)}); "
+                f"write {key}.NAME.{name}=... (one NAME per entry; what a single-section config "
+                f"called {key}.{name} is {key}.{key.rsplit('.', 1)[-1]}.{name})")
+        if not isinstance(value, DictConfig):
+            raise ConfigError(f"config key '{key}.{name}'{where} is a section ({', '.join(fields)}), "
+                              f"not a single value; e.g. {key}.{name}.{fields[0]}=...")
+        check_keys(element, value, origin, f"{key}.{name}.")
 
 
 def _check_shape(schema_node: Any, value: Any, key: str, origin: str) -> None:
@@ -257,6 +288,9 @@ def _check_field_rules(cfg: DictConfig, dc_type: type, prefix: str = "") -> None
         if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None) or (
                 isinstance(value, DictConfig) and dataclasses.is_dataclass(value._metadata.object_type)):
             _check_field_rules(value, value._metadata.object_type, full + ".")
+        elif isinstance(value, DictConfig) and _section_type(value) is not None:
+            for name in value.keys():
+                _check_field_rules(value[name], _section_type(value), f"{full}.{name}.")
 
 
 def parse_overrides(overrides: Iterable[str], root: Path) -> Tuple[Dict[str, Tuple[str, Path]],
@@ -315,6 +349,7 @@ def load_config(path: os.PathLike | str, overrides: Sequence[str] = ()) -> DictC
     for origin, part in parts:  # value overrides apply after every group selection
         cfg = merge_checked(cfg, part, origin)
     _check_field_rules(cfg, Config)
+    check_data_config(cfg.data)  # what relates several data keys (shard lists, class sets, ...)
     missing = OmegaConf.missing_keys(cfg)
     if missing:
         raise ConfigError(f"config keys without a value: {', '.join(sorted(missing))}")

@@ -32,7 +32,7 @@ N_TRAIN, N_VAL, N_PROMPT = 96, 24, 6
 DEMO_ITERS = 200
 METHODS = ("source_only", "uda", "pig", "eglp")  # configs/demo/tiny_<method>.yaml, in this order
 COLUMNS = {"source_only": "source-only", "uda": "UDA", "pig": "PIG-style", "eglp": "EGLP"}
-DATASETS = [  # (layout, split, style, shift, images (None: n_train/n_val), shard folder)
+DATASETS = [  # (layout, split, style, shift, images (None: n_train/n_val; "val": n_val), shard folder)
     ("cityscapes", "train", "day", 1.0, None, "cityscapes_train"),
     ("acdc", "train", "night", NIGHT_SHIFT, None, "acdc_night_train"),
     ("acdc", "val", "night", NIGHT_SHIFT, None, "acdc_night_val"),
@@ -40,26 +40,48 @@ DATASETS = [  # (layout, split, style, shift, images (None: n_train/n_val), shar
 ]
 
 
+# The synthetic domain-generalisation task (tools/ablate.py spn): a "game"-style source and
+# the same validation streets in four unseen styles, at full strength (and a Synthia split
+# for the class-subset tests). Validation content is shared across the styles, so the
+# targets differ in style only.
+DG_DATASETS = [
+    ("gta5", "train", "game", 1.0, None, "gta5_train"),
+    ("cityscapes", "val", "day", 1.0, None, "cityscapes_val"),
+    ("acdc", "val", "night", 1.0, None, "acdc_night_val"),
+    ("foggy_cityscapes", "val", "fog", 1.0, None, "foggy_cityscapes_val"),
+    ("rain_cityscapes", "val", "rain", 1.0, None, "rain_cityscapes_val"),
+    ("synthia", "train", "game", 1.0, "val", "synthia_val"),  # as many as a val split
+]
+
+
 def prepare_data(out: Path, seed: int = 0, n_train: int = N_TRAIN, n_val: int = N_VAL,
-                 size=IMAGE_SIZE) -> Dict[str, Path]:
-    """Synthesise and pack the demo's three splits (skipped where shards already exist).
-    The tests use it too, with fewer and smaller images."""
+                 size=IMAGE_SIZE, datasets=DATASETS, content_seeds=None) -> Dict[str, Path]:
+    """Synthesise and pack the demo's splits (skipped where shards already exist). The
+    tests use it too, with fewer and smaller images. ``content_seeds``: layout -> offset of
+    its scene seed (default 1; the demo's source 0 and prompts 2 show other streets)."""
+    content_seeds = {"cityscapes": 0, "prompt": 2} if content_seeds is None else content_seeds
     from eglp_dist.data.pack import pack
     from eglp_dist.data.synth import write_dataset
 
     shards = {}
-    for layout, split, style, shift, count, name in DATASETS:
-        n = count or (n_val if split == "val" else n_train)
+    for layout, split, style, shift, count, name in datasets:
+        n = n_val if "val" in (split, count) else count or n_train
         target = out / "shards" / name
         shards[name] = target
         if (target / "manifest.json").is_file():
             continue
         raw = out / "raw" / f"{layout}_{style}"
-        # Other content seeds for source, target and prompts: they show other streets.
         write_dataset(layout, raw, n=n, splits=[split], style=style, size=size,
-                      seed=seed + {"cityscapes": 0, "prompt": 2}.get(layout, 1), shift=shift)
+                      seed=seed + content_seeds.get(layout, 1), shift=shift)
         pack(layout, raw, split, target, shard_size=32, progress=False)
     return shards
+
+
+def prepare_dg_data(out: Path, seed: int = 0, n_train: int = N_TRAIN, n_val: int = N_VAL,
+                    size=IMAGE_SIZE) -> Dict[str, Path]:
+    """The synthetic DG task's shards (:data:`DG_DATASETS`): every target shows the same
+    validation streets (one content seed), the source other ones."""
+    return prepare_data(out, seed, n_train, n_val, size, DG_DATASETS, content_seeds={"gta5": 0})
 
 
 def train_command(config: Path, overrides: List[str]) -> List[str]:
@@ -82,7 +104,7 @@ def run_cli(args: argparse.Namespace) -> int:
     common = [f"run.out_dir={out / 'runs'}",
               f"data.source.shards={shards['cityscapes_train']}",
               f"data.target.shards={shards['acdc_night_train']}",
-              f"data.val.shards={shards['acdc_night_val']}",
+              f"data.val.acdc_night.shards={shards['acdc_night_val']}",
               f"data.prompt.shards={shards['prompt_night']}"]
     iters = args.iters or DEMO_ITERS
     common += [f"trainer.max_iters={iters}", f"trainer.eval_interval={iters}", f"trainer.ckpt_interval={iters}"]
@@ -96,12 +118,11 @@ def run_cli(args: argparse.Namespace) -> int:
         if code != 0:
             print(f"eglp demo: training {method} failed (exit {code})", file=sys.stderr)
             return code
-        results[method] = last_eval(out / "runs" / f"demo_{method}")
+        results[method] = last_eval(out / "runs" / f"demo_{method}")["targets"]["acdc_night"]
         print(f"{method}: {time.perf_counter() - t1:.0f} s", flush=True)
 
-    first = results[METHODS[0]]
     print(f"\nnight validation (synthetic ACDC night, {N_VAL} images), "
-          f"{first['iter']} iterations each, seed 0:")
+          f"{DEMO_ITERS} iterations each, seed 0:")
     print(f"{'class':<15}" + "".join(f"{COLUMNS[m]:>13}" for m in METHODS))
     fmt = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
     for name in CLASSES:

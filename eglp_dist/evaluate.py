@@ -14,7 +14,7 @@ servers' file naming and PNG writing (``eglp predict``) is ``eglp_dist/export.py
 uses :func:`iter_predictions` and :func:`cli_session` from here, so that both commands
 compute and load alike. The training loop uses::
 
-    metrics = evaluate(model, loader, device, num_classes, autocast_dtype)  # SegMetrics
+    results = evaluate_targets(model, {name: loader, ...}, device, num_classes, autocast_dtype)
 """
 from __future__ import annotations
 
@@ -24,14 +24,16 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from eglp_dist.atomic import write_text_atomic
 from eglp_dist.data.labels import CLASSES, NUM_CLASSES
+from eglp_dist.dist import comm
 from eglp_dist.dist.engine import autocast, autocast_dtype
 from eglp_dist.errors import DataError
 from eglp_dist.metrics import ConfusionMeter, SegMetrics, format_table, metrics_from_confusion
@@ -122,6 +124,27 @@ def iter_predictions(model: nn.Module, loader, device, autocast_dtype: Optional[
             close()
 
 
+def _require_labels(loader) -> None:
+    if not getattr(loader, "with_labels", True):
+        # Decided from the manifest, so every rank raises alike (none waits in the reduce).
+        name = getattr(loader, "name", "eval")
+        raise DataError(f"data.{name}: {getattr(getattr(loader, 'manifest', None), 'folder', 'the loader')} "
+                        f"has no labels (or with_labels=false); cannot compute mIoU")
+
+
+def _local_confusion(model: nn.Module, loader, device, num_classes: int,
+                     autocast_dtype: Optional[torch.dtype], max_batches: Optional[int]) -> torch.Tensor:
+    meter = ConfusionMeter(num_classes, device=device)
+    for p in iter_predictions(model, loader, device, autocast_dtype, max_batches):
+        meter.update(p.pred, p.seg)
+    return meter.matrix
+
+
+def _metrics(matrix: torch.Tensor) -> "EvalMetrics":
+    m = metrics_from_confusion(matrix)
+    return EvalMetrics(iou=m.iou, acc=m.acc, overall_acc=m.overall_acc, confusion=matrix)
+
+
 def evaluate(model: nn.Module, loader, device, num_classes: int = NUM_CLASSES,
              autocast_dtype: Optional[torch.dtype] = None, max_batches: Optional[int] = None
              ) -> SegMetrics:
@@ -133,18 +156,79 @@ def evaluate(model: nn.Module, loader, device, num_classes: int = NUM_CLASSES,
     every rank gets the same numbers. ``max_batches`` caps the batches per rank (quick
     looks during training).
     """
-    if not getattr(loader, "with_labels", True):
-        # Decided from the manifest, so every rank raises alike (none waits in the reduce).
-        name = getattr(loader, "name", "eval")
-        raise DataError(f"data.{name}: {getattr(getattr(loader, 'manifest', None), 'folder', 'the loader')} "
-                        f"has no labels (or with_labels=false); cannot compute mIoU")
+    _require_labels(loader)
     device = torch.device(device)
-    meter = ConfusionMeter(num_classes, device=device)
-    for p in iter_predictions(model, loader, device, autocast_dtype, max_batches):
-        meter.update(p.pred, p.seg)
-    matrix = meter.reduce()
-    m = metrics_from_confusion(matrix)
-    return EvalMetrics(iou=m.iou, acc=m.acc, overall_acc=m.overall_acc, confusion=matrix)
+    local = _local_confusion(model, loader, device, num_classes, autocast_dtype, max_batches)
+    return _metrics(comm.all_reduce_sum(local.clone()).cpu())
+
+
+@dataclass
+class TargetMetrics:
+    """One evaluation target's result: its metrics and what it was computed over."""
+
+    name: str
+    metrics: EvalMetrics
+    class_sets: List[str]  # the first is the headline
+    dataset: str
+    split: str
+    num_images: int
+
+    @property
+    def headline(self) -> float:
+        return self.metrics.miou_of_set(self.class_sets[0])
+
+    def as_dict(self, class_names: Sequence[str] = CLASSES) -> Dict[str, Any]:
+        return dict(self.metrics.as_dict(class_names, self.class_sets), dataset=self.dataset,
+                    split=self.split, num_images=self.num_images,
+                    num_pixels=int(self.metrics.confusion.sum()))
+
+
+def evaluate_targets(model: nn.Module, loaders: Mapping[str, Any], device,
+                     num_classes: int = NUM_CLASSES, autocast_dtype: Optional[torch.dtype] = None,
+                     max_batches: Optional[int] = None) -> Dict[str, TargetMetrics]:
+    """Every target's metrics (``loaders``: name -> EvalLoader, each with its
+    ``class_sets``), across all ranks: each rank runs its share of every target, then the
+    targets' confusion matrices are all-reduced together in one collective. Every rank
+    returns the same numbers, in the order of ``loaders``."""
+    for loader in loaders.values():  # before any work: every rank raises alike
+        _require_labels(loader)
+    device = torch.device(device)
+    local = [_local_confusion(model, loader, device, num_classes, autocast_dtype, max_batches)
+             for loader in loaders.values()]
+    if not local:
+        return {}
+    reduced = comm.all_reduce_sum(torch.stack(local)).cpu()
+    return {name: TargetMetrics(name, _metrics(reduced[i]), list(getattr(loader, "class_sets", ["all"])),
+                                str(loader.manifest.data["dataset"]), str(loader.manifest.data["split"]),
+                                len(loader.manifest))
+            for i, (name, loader) in enumerate(loaders.items())}
+
+
+def average_miou(results: Mapping[str, TargetMetrics]) -> float:
+    """The mean of the targets' headline mIoUs (the DG papers' "average" column)."""
+    values = [r.headline for r in results.values()]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def results_dict(results: Mapping[str, TargetMetrics], class_names: Sequence[str] = CLASSES) -> Dict[str, Any]:
+    """What eval.jsonl / eval_val.json hold: the average and every target's numbers."""
+    return {"mIoU": average_miou(results),
+            "targets": {name: r.as_dict(class_names) for name, r in results.items()}}
+
+
+def format_targets(results: Mapping[str, TargetMetrics]) -> str:
+    """One row per target (images, headline class set and mIoU, the other sets), then the
+    average of the headlines."""
+    width = max([len("average")] + [len(n) for n in results]) + 2
+    lines = [f"{'target':<{width}}{'dataset':<22}{'images':>7}  {'classes':<10}{'mIoU':>7}  other class sets",
+             "-" * (width + 64)]
+    for name, r in results.items():
+        others = "  ".join(f"{s} {100 * r.metrics.miou_of_set(s):.2f}" for s in r.class_sets[1:])
+        lines.append(f"{name:<{width}}{r.dataset + ' ' + r.split:<22}{r.num_images:>7}  "
+                     f"{r.class_sets[0]:<10}{100 * r.headline:7.2f}  {others}".rstrip())
+    lines.append("-" * (width + 64))
+    lines.append(f"{'average':<{width}}{'':<22}{'':>7}  {f'({len(results)})':<10}{100 * average_miou(results):7.2f}")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -164,7 +248,7 @@ class CliSession:
     amp: Optional[torch.dtype]
 
     def eval_loader(self, stream: Any, name: str):
-        """This rank's share of an eval stream (``cfg.data.val``/``test``), batch 1."""
+        """This rank's share of an eval stream (a ``cfg.data.val`` target or ``test``), batch 1."""
         from eglp_dist.data.loader import build_eval_loader
 
         return build_eval_loader(stream, self.cfg.data, self.env.rank, self.env.world_size, self.device,
@@ -219,24 +303,43 @@ def eval_json_path(checkpoint: Path, split: str = "val") -> Path:
     return checkpoint / f"eval_{split}.json"
 
 
+def eval_targets(cfg, names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """The configured evaluation targets (``data.val``, those with shards), or the ``names``
+    asked for; ConfigError naming the unknown one or saying that none is configured."""
+    from eglp_dist.errors import ConfigError
+
+    configured = {n: t for n, t in cfg.data.val.items() if t.shards}
+    if names:
+        unknown = [n for n in names if n not in configured]
+        if unknown:
+            raise ConfigError(f"data.val.{unknown[0]}: no such evaluation target with shards "
+                              f"(configured: {', '.join(configured) or 'none'})")
+        return {n: configured[n] for n in names}
+    if not configured:
+        raise ConfigError("data.val: no evaluation target has shards; set data.val.NAME.shards=FOLDER")
+    return configured
+
+
 def run_cli(args: argparse.Namespace) -> int:
-    """``eglp eval CONFIG CHECKPOINT [overrides]``: mIoU over ``cfg.data.val`` on all ranks;
-    rank 0 prints the table and writes ``<checkpoint>/eval_val.json``."""
+    """``eglp eval CONFIG CHECKPOINT [overrides] [--targets NAME ...]``: mIoU of every
+    configured target (``data.val``) on all ranks; rank 0 prints each target's per-class
+    table and the summary, and writes ``<checkpoint>/eval_val.json``."""
     with cli_session(args) as session:
         cfg, env = session.cfg, session.env
-        loader = session.eval_loader(cfg.data.val, "val")
-        metrics = evaluate(session.model, loader, session.device, cfg.model.num_classes, session.amp)
+        loaders = {name: session.eval_loader(stream, f"val.{name}")
+                   for name, stream in eval_targets(cfg, getattr(args, "targets", None)).items()}
+        results = evaluate_targets(session.model, loaders, session.device, cfg.model.num_classes, session.amp)
         if env.is_main:
             classes = CLASSES if cfg.model.num_classes == NUM_CLASSES else \
                 [str(i) for i in range(cfg.model.num_classes)]
-            print(f"{loader.manifest.data['dataset']} {loader.manifest.data['split']} "
-                  f"({len(loader.manifest)} images, {env.world_size} rank(s)), {session.checkpoint}")
-            print(format_table(metrics, classes))
-            result = dict(metrics.as_dict(classes), checkpoint=str(session.checkpoint),
-                          config=str(args.config), shards=str(cfg.data.val.shards),
-                          dataset=loader.manifest.data["dataset"], split=loader.manifest.data["split"],
-                          num_images=len(loader.manifest),
-                          num_pixels=int(metrics.confusion.sum()))
+            for name, r in results.items():
+                print(f"== {name}: {r.dataset} {r.split} ({r.num_images} images, {env.world_size} rank(s))")
+                print(format_table(r.metrics, classes, r.class_sets))
+            print(f"checkpoint {session.checkpoint}")
+            print(format_targets(results))
+            result = dict(results_dict(results, classes), checkpoint=str(session.checkpoint),
+                          config=str(args.config),
+                          shards={n: _plain_shards(cfg.data.val[n].shards) for n in results})
             out = eval_json_path(session.checkpoint)
             try:
                 write_text_atomic(out, json.dumps(result, indent=2) + "\n")
@@ -247,5 +350,10 @@ def run_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["Prediction", "EvalMetrics", "eval_mode", "iter_predictions", "evaluate", "CliSession",
-           "cli_session", "eval_json_path", "run_cli"]
+def _plain_shards(value) -> Any:
+    return value if isinstance(value, str) else [str(v) for v in value]
+
+
+__all__ = ["Prediction", "EvalMetrics", "TargetMetrics", "eval_mode", "iter_predictions", "evaluate",
+           "evaluate_targets", "average_miou", "results_dict", "format_targets", "eval_targets",
+           "CliSession", "cli_session", "eval_json_path", "run_cli"]

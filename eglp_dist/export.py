@@ -21,8 +21,8 @@ import torch
 from eglp_dist.atomic import atomic_path
 from eglp_dist.data.labels import TRAIN_TO_CITYSCAPES_ID, colorize
 from eglp_dist.dist import comm
-from eglp_dist.errors import DataError
-from eglp_dist.evaluate import Prediction, cli_session, iter_predictions
+from eglp_dist.errors import ConfigError, DataError
+from eglp_dist.evaluate import Prediction, cli_session, eval_targets, iter_predictions
 
 FORMATS = ("trainid", "labelid", "color")
 
@@ -141,9 +141,17 @@ def predict_cli(args: argparse.Namespace) -> int:
     writer = PredictionWriter(args.out, getattr(args, "format", "trainid"))
     with cli_session(args) as session:
         cfg, env = session.cfg, session.env
-        loader = session.eval_loader(cfg.data.val if split == "val" else cfg.data.test, split)
-        samples = [dict(s, dataset=loader.manifest.data["dataset"], split=loader.manifest.data["split"])
-                   for s in loader.manifest.data["samples"]]
+        if split == "val":
+            targets = eval_targets(cfg, [args.target] if getattr(args, "target", None) else None)
+            if len(targets) > 1:
+                raise ConfigError(f"data.val has {len(targets)} targets with shards "
+                                  f"({', '.join(targets)}); choose one with --target NAME")
+            (name, stream), = targets.items()
+            loader = session.eval_loader(stream, f"val.{name}")
+        else:
+            loader = session.eval_loader(cfg.data.test, "test")
+        samples = [dict({"dataset": loader.manifest.data["dataset"], "split": loader.manifest.data["split"]}, **s)
+                   for s in loader.manifest.data["samples"]]  # (several folders: each sample's own)
         writer.check_names(samples)
         if env.is_main and writer.out.is_dir() and any(writer.out.iterdir()):
             print(f"eglp predict: {writer.out} is not empty; files of the same name are replaced",

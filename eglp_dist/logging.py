@@ -144,16 +144,28 @@ class Monitor:
         if self.enabled and visuals:
             self.writer.add_image("train/grid", image_grid(visuals, mean, std), it, dataformats="HWC")
 
-    def evaluation(self, it: int, metrics, prefix: str = "val") -> None:
+    def evaluation(self, it: int, results, prefix: str = "val") -> None:
+        """Scalars of every target (``evaluate.TargetMetrics`` by name): ``val/NAME/mIoU``
+        (its headline class set), ``val/NAME/mIoU_<set>``, ``val/NAME/aAcc``,
+        ``val_IoU/NAME/<class>``, and ``val/mIoU``, the average over targets."""
         if not self.enabled:
             return
-        self.writer.add_scalar(f"{prefix}/mIoU", metrics.miou, it)
-        self.writer.add_scalar(f"{prefix}/aAcc", metrics.overall_acc, it)
-        for name, iou in zip(CLASSES, metrics.iou):
-            if not np.isnan(iou):
-                self.writer.add_scalar(f"{prefix}_IoU/{name}", float(iou), it)
+        parts = []
+        for name, r in results.items():
+            m = r.metrics
+            self.writer.add_scalar(f"{prefix}/{name}/mIoU", r.headline, it)
+            for s in r.class_sets[1:]:
+                self.writer.add_scalar(f"{prefix}/{name}/mIoU_{s}", m.miou_of_set(s), it)
+            self.writer.add_scalar(f"{prefix}/{name}/aAcc", m.overall_acc, it)
+            for cls, iou in zip(CLASSES, m.iou):
+                if not np.isnan(iou):
+                    self.writer.add_scalar(f"{prefix}_IoU/{name}/{cls}", float(iou), it)
+            parts.append(f"{name} {100 * r.headline:.2f}")
+        average = float(np.mean([r.headline for r in results.values()]))
+        self.writer.add_scalar(f"{prefix}/mIoU", average, it)
         self.writer.flush()
-        self.write(f"iter {it}: {prefix} mIoU {100 * metrics.miou:.2f}")
+        detail = f" ({', '.join(parts)})" if len(parts) > 1 else f" ({parts[0].split()[0]})"
+        self.write(f"iter {it}: {prefix} mIoU {100 * average:.2f}{detail}")
 
     def write(self, text: str) -> None:
         if not self.enabled:

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from eglp_dist.data.labels import CLASSES, IGNORE_INDEX, NUM_CLASSES, SYNTHIA_16_CLASSES
+from eglp_dist.data.labels import CLASS_SETS, CLASSES, IGNORE_INDEX, NUM_CLASSES
 from eglp_dist.dist import comm
 
 
@@ -55,14 +55,18 @@ class SegMetrics:
         sub = self.iou[list(classes)]
         return float(np.nanmean(sub)) if np.isfinite(sub).any() else float("nan")
 
-    def as_dict(self, class_names: Sequence[str] = CLASSES) -> Dict[str, object]:
-        out: Dict[str, object] = {
-            "mIoU": self.miou, "aAcc": self.overall_acc,
+    def miou_of_set(self, name: str) -> float:
+        """mIoU over a named class set (labels.CLASS_SETS); ``all`` = every class."""
+        return self.miou if name == "all" else self.miou_over(CLASS_SETS[name])
+
+    def as_dict(self, class_names: Sequence[str] = CLASSES,
+                class_sets: Sequence[str] = ("all",)) -> Dict[str, object]:
+        """``mIoU`` over the first of ``class_sets`` (the headline), ``mIoU_<set>`` for each."""
+        return {
+            "mIoU": self.miou_of_set(class_sets[0]), "aAcc": self.overall_acc,
+            **{f"mIoU_{name}": self.miou_of_set(name) for name in class_sets},
             "IoU": {n: (None if np.isnan(v) else float(v)) for n, v in zip(class_names, self.iou)},
         }
-        if len(self.iou) == NUM_CLASSES:
-            out["mIoU16"] = self.miou_over(SYNTHIA_16_CLASSES)
-        return out
 
 
 def metrics_from_confusion(matrix: torch.Tensor | np.ndarray) -> SegMetrics:
@@ -78,15 +82,17 @@ def metrics_from_confusion(matrix: torch.Tensor | np.ndarray) -> SegMetrics:
     return SegMetrics(iou=iou, acc=acc, overall_acc=overall)
 
 
-def format_table(metrics: SegMetrics, class_names: Sequence[str] = CLASSES) -> str:
-    """The per-class table printed by eval/score (percent, mmseg style)."""
+def format_table(metrics: SegMetrics, class_names: Sequence[str] = CLASSES,
+                 class_sets: Sequence[str] = ("all",)) -> str:
+    """The per-class table printed by eval/score (percent, mmseg style), with the mIoU of
+    each class set (labels.CLASS_SETS)."""
     lines: List[str] = [f"{'class':<15}{'IoU':>8}{'Acc':>8}", "-" * 31]
     for name, iou, acc in zip(class_names, metrics.iou, metrics.acc):
         fmt = lambda v: "     n/a" if np.isnan(v) else f"{100 * v:8.2f}"  # noqa: E731
         lines.append(f"{name:<15}{fmt(iou)}{fmt(acc)}")
     lines.append("-" * 31)
-    lines.append(f"{'mIoU':<15}{100 * metrics.miou:8.2f}")
-    if len(metrics.iou) == NUM_CLASSES:
-        lines.append(f"{'mIoU (16 cls)':<15}{100 * metrics.miou_over(SYNTHIA_16_CLASSES):8.2f}")
+    for name in class_sets:
+        label = "mIoU" if name == "all" else f"mIoU {name}"
+        lines.append(f"{label:<15}{100 * metrics.miou_of_set(name):8.2f}")
     lines.append(f"{'aAcc':<15}{100 * metrics.overall_acc:8.2f}")
     return "\n".join(lines)

@@ -100,16 +100,17 @@ def train(cfg, local_rank: Optional[int] = None) -> Dict[str, Any]:
     streams = {name: build_train_stream(getattr(cfg.data, name), cfg.data, env.rank, env.world_size,
                                         seed=cfg.run.seed, device=device, name=name)
                for name in method.streams}
-    val_loader = None
-    if cfg.data.val.shards:
-        val_loader = build_eval_loader(cfg.data.val, cfg.data, env.rank, env.world_size, device, name="val")
+    # every target with shards, in config order (none: training without evaluation)
+    val_loaders = {name: build_eval_loader(target, cfg.data, env.rank, env.world_size, device,
+                                           name=f"val.{name}")
+                   for name, target in cfg.data.val.items() if target.shards}
     seed_rank(cfg.run.seed, env.rank)
     # only once everything is built: a config that cannot start leaves no run folder
     with run_folder_lock(run_dir, env):
-        return _train_locked(cfg, env, device, method, streams, val_loader, run_dir)
+        return _train_locked(cfg, env, device, method, streams, val_loaders, run_dir)
 
 
-def _train_locked(cfg, env, device, method, streams, val_loader, run_dir: Path) -> Dict[str, Any]:
+def _train_locked(cfg, env, device, method, streams, val_loaders, run_dir: Path) -> Dict[str, Any]:
     t = cfg.trainer
     ckpt_root = run_dir / "checkpoints"
     resume_from = checkpoint_to_resume(cfg, ckpt_root)
@@ -143,7 +144,7 @@ def _train_locked(cfg, env, device, method, streams, val_loader, run_dir: Path) 
             monitor.flush(it, {f"lr/{k}": v for k, v in method.lrs().items()})
         if it % t.image_interval == 0:
             monitor.images(it, method.visuals(), cfg.data.mean, cfg.data.std)
-        evaluate_now = val_loader is not None and should(it, t.eval_interval, t.max_iters)
+        evaluate_now = bool(val_loaders) and should(it, t.eval_interval, t.max_iters)
         save_now = should(it, t.ckpt_interval, t.max_iters)
         if evaluate_now or save_now:
             method.sync_buffers()  # one model on every rank (see Engine.sync_buffers)
@@ -154,26 +155,29 @@ def _train_locked(cfg, env, device, method, streams, val_loader, run_dir: Path) 
                              "method": method.state_dict()},
                             keep_last=t.keep_last)
         if evaluate_now:
-            last_eval = run_evaluation(method, val_loader, cfg, device, monitor, run_dir, it)
+            last_eval = run_evaluation(method, val_loaders, cfg, device, monitor, run_dir, it)
     for stream in streams.values():
         stream.close()
     monitor.close()
     return last_eval
 
 
-def run_evaluation(method, loader, cfg, device, monitor: Monitor, run_dir: Path, it: int) -> Dict[str, Any]:
-    from eglp_dist.evaluate import evaluate
+def run_evaluation(method, loaders, cfg, device, monitor: Monitor, run_dir: Path, it: int) -> Dict[str, Any]:
+    """Every target evaluated (one collective for all), logged and appended to eval.jsonl."""
+    from eglp_dist.evaluate import evaluate_targets, format_targets, results_dict
 
     model = method.eval_model()
-    metrics = evaluate(model, loader, device, cfg.model.num_classes,
-                       autocast_dtype=autocast_dtype(cfg.engine.precision, device))
-    result = dict(metrics.as_dict(), iter=it)
-    monitor.evaluation(it, metrics)
+    results = evaluate_targets(model, loaders, device, cfg.model.num_classes,
+                               autocast_dtype=autocast_dtype(cfg.engine.precision, device))
+    result = dict(results_dict(results), iter=it)
+    monitor.evaluation(it, results)
     if comm.rank() == 0:
         with open(run_dir / "eval.jsonl", "a") as f:
             f.write(json.dumps(result) + "\n")
         if it == cfg.trainer.max_iters:
-            monitor.write(format_table(metrics))
+            for name, r in results.items():
+                monitor.write(f"== {name}\n" + format_table(r.metrics, class_sets=r.class_sets))
+            monitor.write(format_targets(results))
     for engine in method.engines.values():
         engine.train()
     return result

@@ -83,8 +83,10 @@ def test_shared_daformer_recipe(name):
     assert cfg.data.source.batch_size == 2 and cfg.data.source.flip_prob == pytest.approx(0.5)
     assert cfg.data.source.cat_max_ratio == pytest.approx(0.75) and cfg.data.source.ratio_range is None
     assert list(cfg.data.mean) == [123.675, 116.28, 103.53] and list(cfg.data.std) == [58.395, 57.12, 57.375]
-    # evaluation: batch 1, whole image resized (keep ratio), no crop/flip
-    assert cfg.data.val.crop_size is None and cfg.data.val.flip_prob == 0.0 and cfg.data.val.ratio_range is None
+    # evaluation: one target of whole images resized (keep ratio); eval streams have no
+    # crop/flip/ratio keys at all
+    (target,) = cfg.data.val.values()
+    assert set(target) == {"shards", "img_scale", "with_labels", "class_sets"} and list(target.class_sets) == ["all"]
 
 
 @pytest.mark.parametrize("name", UDA_FILES)
@@ -135,7 +137,8 @@ def test_per_benchmark_scales_and_pseudo_label_crop(name, source, target, val, i
     cfg = _load(name)
     assert list(cfg.data.source.img_scale) == source
     assert list(cfg.data.target.img_scale) == target
-    assert list(cfg.data.val.img_scale) == val == list(cfg.data.test.img_scale)
+    (target,) = cfg.data.val.values()
+    assert list(target.img_scale) == val == list(cfg.data.test.img_scale)
     assert (cfg.method.pseudo.ignore_top, cfg.method.pseudo.ignore_bottom) == ignore
 
 
@@ -153,7 +156,7 @@ def test_source_only_baseline():
     assert cfg.method.name == "source_only"
     assert cfg.data.source.sampling.mode == "uniform"  # DAFormer/HRDA set RCS only for dacs
     assert list(cfg.data.source.img_scale) == [2048, 1024]
-    assert list(cfg.data.val.img_scale) == [1920, 1080]
+    assert list(cfg.data.val.acdc_night.img_scale) == [1920, 1080]
 
 
 def test_a_missing_weight_file_does_not_fail_the_load(tmp_path):
@@ -165,9 +168,9 @@ def test_a_missing_weight_file_does_not_fail_the_load(tmp_path):
 
 def test_command_line_fills_shards_and_keeps_the_recipe():
     cfg = _load("hrda_cs2acdc_night.yaml", "data.source.shards=s/cs", "data.target.shards=s/acdc",
-                "data.val.shards=s/acdc_val", "engine=zero2", "data.source.batch_size=1",
+                "data.val.acdc_night.shards=s/acdc_val", "engine=zero2", "data.source.batch_size=1",
                 "data.target.batch_size=1")
-    assert (cfg.data.source.shards, cfg.data.target.shards, cfg.data.val.shards) == ("s/cs", "s/acdc", "s/acdc_val")
+    assert (cfg.data.source.shards, cfg.data.target.shards, cfg.data.val.acdc_night.shards) == ("s/cs", "s/acdc", "s/acdc_val")
     assert cfg.engine.kind == "zero2" and cfg.engine.precision == "fp32"  # the group merges into the node
     assert cfg.data.source.batch_size == cfg.data.target.batch_size == 1
     assert cfg.data.source.sampling.mode == "rcs" and cfg.model.hrda.enabled

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from dist_harness import run_ranks
 from eglp_dist.data import synth
-from eglp_dist.data.config import DataConfig
+from eglp_dist.data.config import DataConfig, EvalStreamConfig
 from eglp_dist.data.loader import build_eval_loader, build_train_stream
 from eglp_dist.data.pack import pack
 from eglp_dist.data.shards import eval_range
@@ -40,7 +40,7 @@ def make_cfg(shards, backend="wds", **source):
     cfg.target.batch_size = 1
     for k, v in source.items():
         setattr(cfg.source, k, v)
-    cfg.val.shards, cfg.val.img_scale = shards["val"], [64, 32]
+    cfg.val["val"] = EvalStreamConfig(shards=shards["val"], img_scale=[64, 32])
     cfg.test.shards, cfg.test.img_scale = shards["test"], [64, 32]
     return cfg
 
@@ -90,7 +90,7 @@ def test_dali_and_wds_give_the_same_training_batches(shards, augment):
 
 def test_dali_and_wds_give_the_same_evaluation_samples(shards):
     cfg = {be: make_cfg(shards, be) for be in BACKENDS}
-    got = {be: list(build_eval_loader(cfg[be].val, cfg[be], 0, 1)) for be in BACKENDS}
+    got = {be: list(build_eval_loader(cfg[be].val["val"], cfg[be], 0, 1)) for be in BACKENDS}
     assert len(got["wds"]) == len(got["dali"]) == 7
     for a, b in zip(got["wds"], got["dali"]):
         assert a["meta"] == b["meta"]
@@ -146,7 +146,7 @@ def test_eval_split_is_a_pure_function_of_rank():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_eval_ranks_are_disjoint_and_cover_the_split(shards, backend):
     cfg = make_cfg(shards, backend)
-    keys = [[b["meta"][0]["key"] for b in build_eval_loader(cfg.val, cfg, r, 2)] for r in (0, 1)]
+    keys = [[b["meta"][0]["key"] for b in build_eval_loader(cfg.val["val"], cfg, r, 2)] for r in (0, 1)]
     assert [len(k) for k in keys] == [3, 4]
     assert not set(keys[0]) & set(keys[1]) and len(set(keys[0]) | set(keys[1])) == 7
 
@@ -166,7 +166,7 @@ def _two_rank_worker(env, shards, backend):
         assert int(n) == 2 * env.world_size
         steps += 1
     stream.close()
-    keys = [b["meta"][0]["key"] for b in build_eval_loader(cfg.val, cfg, env.rank, env.world_size)]
+    keys = [b["meta"][0]["key"] for b in build_eval_loader(cfg.val["val"], cfg, env.rank, env.world_size)]
     return steps, keys
 
 
@@ -199,10 +199,10 @@ def test_dictconfig_from_yaml_works_like_the_dataclass(shards):
     cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.create({
         "num_threads": 2, "source": {"shards": shards["train"], "img_scale": [128, 64],
                                      "crop_size": [32, 48], "sampling": {"mode": "class_uniform"}},
-        "val": {"shards": shards["val"], "img_scale": [64, 32]}}))
+        "val": {"night": {"shards": shards["val"], "img_scale": [64, 32]}}}))
     (b,) = take(build_train_stream(cfg.source, cfg, 0, 1), 1)
     assert b["img"].shape == (2, 3, 32, 48) and b["meta"][0]["step"] == 0
-    assert len(build_eval_loader(cfg.val, cfg, 0, 1)) == 7
+    assert len(build_eval_loader(cfg.val.night, cfg, 0, 1)) == 7
 
 
 def test_bad_values_are_rejected_naming_the_key(tmp_path):
@@ -214,7 +214,7 @@ def test_bad_values_are_rejected_naming_the_key(tmp_path):
     assert cfg.data.backend == "dali" and cfg.data.source.sampling.mode == "rcs"
     for override, key in (("data.backend=tfrecord", "data.backend"),
                           ("data.source.sampling.mode=often", "data.source.sampling.mode"),
-                          ("data.val.batch_size=0", "data.val.batch_size"),
+                          ("data.val.acdc_night.img_scale=[0,1]", "data.val.acdc_night.img_scale"),
                           ("data.source.cat_max_ratio=-1", "data.source.cat_max_ratio")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config(demo, [override])

@@ -203,7 +203,7 @@ def test_eglp_resume_is_exact_on_two_ranks(shards, tmp_path, engine):
     def args(out):
         return [f"run.out_dir={out}", f"data.source.shards={shards['cityscapes_train']}",
                 f"data.target.shards={shards['acdc_night_train']}", f"data.prompt.shards={shards['prompt_night']}",
-                f"data.val.shards={shards['acdc_night_val']}", "trainer.log_interval=1", "trainer.image_interval=2",
+                f"data.val.acdc_night.shards={shards['acdc_night_val']}", "trainer.log_interval=1", "trainer.image_interval=2",
                 "trainer.max_iters=4", "trainer.eval_interval=100", "trainer.ckpt_interval=2", f"engine={engine}",
                 "schedule.warmup_iters=2"]
 

@@ -48,7 +48,7 @@ dist:
 data:
   backend: wds
   num_threads: 1
-  val: {{shards: {shards['cs_val']}, img_scale: [96, 48]}}
+  val: {{cs: {{shards: {shards['cs_val']}, img_scale: [96, 48]}}}}
   test: {{shards: {shards['cs_test']}, img_scale: [96, 48]}}
 """)
     return {"base": base, "cfg": str(cfg), "shards": shards, "ckpt": base / "run" / "checkpoints"}
@@ -86,10 +86,10 @@ def _evaluate_split(cfg_path, shards, state, rank, world):
     from eglp_dist.weights import load_into
     from eglp_dist.models import build_segmentor
 
-    cfg = load_config(cfg_path, [f"data.val.shards={shards}"])
+    cfg = load_config(cfg_path, [f"data.val.cs.shards={shards}"])
     model = build_segmentor(cfg.model)
     load_into(model, state, "test")
-    loader = build_eval_loader(cfg.data.val, cfg.data, rank, world, "cpu", name="val")
+    loader = build_eval_loader(cfg.data.val.cs, cfg.data, rank, world, "cpu", name="val.cs")
     return evaluate(model, loader, "cpu"), len(loader)
 
 
@@ -109,7 +109,7 @@ def _two_rank_worker(env, d):
         assert predict_cli(_ns(config=d["cfg"], checkpoint=str(d["ckpt"]), split="val",
                                out=str(d["base"] / "pred2" / "cs"), format="trainid")) == 0
         assert predict_cli(_ns(config=d["cfg"], checkpoint=str(d["ckpt"]), split="val",
-                               overrides=[f"data.val.shards={d['shards']['acdc_val']}"],
+                               overrides=[f"data.val.cs.shards={d['shards']['acdc_val']}"],
                                out=str(d["base"] / "pred2" / "acdc"), format="trainid")) == 0
     out["stdout"] = buf.getvalue()
     for name in ("cs_val", "one_val"):
@@ -165,7 +165,7 @@ def test_evaluate_restores_modes_and_honours_max_batches(data, weights):
     model.load_state_dict(weights)
     model.train()
     model.head.eval()  # a deliberately frozen part keeps its mode
-    loader = build_eval_loader(cfg.data.val, cfg.data, 0, 1, "cpu", name="val")
+    loader = build_eval_loader(cfg.data.val.cs, cfg.data, 0, 1, "cpu", name="val.cs")
     res = evaluate(model, loader, "cpu", max_batches=2)
     assert model.training and not model.head.training
     assert 0 < res.confusion.sum() <= 2 * SIZE[0] * SIZE[1]
@@ -228,8 +228,10 @@ def test_eval_cli_two_ranks_table_and_json(two_ranks, data, weights):
     assert "mIoU" not in two_ranks[1]["stdout"]  # rank 0 prints
     assert "wrote 7 files for 7 images" in two_ranks[0]["stdout"]
     result = json.loads((data["ckpt"] / "iter_0000005" / "eval_val.json").read_text())
-    assert result["mIoU"] == pytest.approx(single.miou)
-    assert len(result["IoU"]) == 19 and "mIoU16" in result and result["num_images"] == 7
+    assert result["mIoU"] == pytest.approx(single.miou)  # the average over the one target
+    cs = result["targets"]["cs"]
+    assert cs["mIoU"] == pytest.approx(single.miou) and cs["mIoU_all"] == cs["mIoU"]
+    assert len(cs["IoU"]) == 19 and cs["num_images"] == 7 and result["shards"] == {"cs": data["shards"]["cs_val"]}
     assert not list((data["ckpt"] / "iter_0000005").glob(".*tmp"))
 
 
@@ -296,7 +298,7 @@ def test_predict_acdc_and_dark_zurich_server_layouts(two_ranks, data, weights, o
         assert mode == "L" and size == SIZE and arr.max() < 19
     # Dark Zurich: labelTrainIds/, labelTrainIds_invalid/ and 16-bit confidence/
     out = base / "pred1" / "dz"
-    assert cli_main(["predict", data["cfg"], str(data["ckpt"]), f"data.val.shards={data['shards']['dz_val']}",
+    assert cli_main(["predict", data["cfg"], str(data["ckpt"]), f"data.val.cs.shards={data['shards']['dz_val']}",
                      "--out", str(out)]) == 0
     assert "wrote 15 files for 5 images" in capsys.readouterr().out
     dz_images = sorted(p.name for p in (base / "dz" / "rgb_anon").rglob("*_rgb_anon.png"))

@@ -209,7 +209,7 @@ def test_the_prompt_stream_resumes_exactly(shards):
 def _overrides(shards, out, *extra):
     return [f"run.out_dir={out}", f"data.source.shards={shards['cityscapes_train']}",
             f"data.target.shards={shards['acdc_night_train']}", f"data.prompt.shards={shards['prompt_night']}",
-            f"data.val.shards={shards['acdc_night_val']}", "trainer.log_interval=1", "trainer.image_interval=2",
+            f"data.val.acdc_night.shards={shards['acdc_night_val']}", "trainer.log_interval=1", "trainer.image_interval=2",
             *extra]
 
 

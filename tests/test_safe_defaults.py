@@ -44,7 +44,7 @@ def shards(tmp_path_factory):
 def run_args(shards, out, *extra):
     return [f"run.out_dir={out}", f"data.source.shards={shards['cityscapes_train']}",
             f"data.target.shards={shards['acdc_night_train']}",
-            f"data.val.shards={shards['acdc_night_val']}", "trainer.log_interval=1",
+            f"data.val.acdc_night.shards={shards['acdc_night_val']}", "trainer.log_interval=1",
             "trainer.image_interval=1000", "data.source.crop_size=[64,64]",
             "data.target.crop_size=[64,64]", "model=tiny_daformer", *extra]
 
@@ -259,11 +259,11 @@ def test_a_tar_swapped_under_its_index_is_refused(three_shards):
 def test_evaluation_shards_are_checked_when_the_loader_is_built(three_shards):
     from eglp_dist.data.loader import build_eval_loader
 
-    cfg = load_config(DEMO / "tiny_source_only.yaml", [f"data.val.shards={three_shards}"])
-    build_eval_loader(cfg.data.val, cfg.data, name="val")
+    cfg = load_config(DEMO / "tiny_source_only.yaml", [f"data.val.acdc_night.shards={three_shards}"])
+    build_eval_loader(cfg.data.val.acdc_night, cfg.data, name="val.acdc_night")
     _swap(three_shards / "cityscapes-train-000001.idx", three_shards / "cityscapes-train-000002.idx")
     with pytest.raises(DataError, match="cityscapes-train-000001.idx"):
-        build_eval_loader(cfg.data.val, cfg.data, name="val")
+        build_eval_loader(cfg.data.val.acdc_night, cfg.data, name="val.acdc_night")
 
 
 # ------------------------------------- 8. evaluation data at start-up, checkpoint first
@@ -297,7 +297,7 @@ def test_bad_evaluation_data_stops_the_run_before_its_first_step(shards, tmp_pat
     shutil.copytree(shards["acdc_night_val"], val)
     _strip_labels(val)
     proc = eglp("train", DEMO / "tiny_source_only.yaml",
-                *run_args(shards, tmp_path / "runs", "trainer.max_iters=2", f"data.val.shards={val}"))
+                *run_args(shards, tmp_path / "runs", "trainer.max_iters=2", f"data.val.acdc_night.shards={val}"))
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "acdc-val-000000.tar:" in proc.stderr and "has no seg.png" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()
@@ -311,7 +311,7 @@ def test_a_corrupt_evaluation_image_names_shard_and_key_and_costs_no_checkpoint(
     _corrupt_first_image(val)
     proc = eglp("train", DEMO / "tiny_source_only.yaml",
                 *run_args(shards, tmp_path, "trainer.max_iters=2", "trainer.eval_interval=1",
-                          "trainer.ckpt_interval=1", f"data.val.shards={val}"))
+                          "trainer.ckpt_interval=1", f"data.val.acdc_night.shards={val}"))
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"{val / 'acdc-val-000000.tar'}:" in proc.stderr and "unreadable or truncated image" in proc.stderr
     assert (tmp_path / "demo_source_only" / "checkpoints" / "iter_0000001" / "COMPLETE").is_file()

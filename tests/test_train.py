@@ -20,7 +20,7 @@ def shards(tmp_path_factory):
 def overrides(shards, out, *extra):
     return [f"run.out_dir={out}", f"data.source.shards={shards['cityscapes_train']}",
             f"data.target.shards={shards['acdc_night_train']}",
-            f"data.val.shards={shards['acdc_night_val']}", "trainer.log_interval=1",
+            f"data.val.acdc_night.shards={shards['acdc_night_val']}", "trainer.log_interval=1",
             "trainer.image_interval=2", *extra]
 
 
@@ -33,7 +33,7 @@ def _eval_checkpoint(env, config, overrides_, checkpoint):
     cfg = load_config(config, overrides_)
     model = build_segmentor(cfg.model)
     model.load_state_dict(load_weights(checkpoint))
-    loader = build_eval_loader(cfg.data.val, cfg.data, env.rank, env.world_size, "cpu", name="val")
+    loader = build_eval_loader(cfg.data.val.acdc_night, cfg.data, env.rank, env.world_size, "cpu", name="val.acdc_night")
     return evaluate(model, loader, "cpu", cfg.model.num_classes).as_dict()
 
 
@@ -82,7 +82,7 @@ def test_uda_resume_is_exact_on_two_ranks(shards, tmp_path, engine):
     in_training = json.loads((straight_dir / "eval.jsonl").read_text().splitlines()[-1])
     (from_checkpoint,) = run_ranks(_eval_checkpoint, 1, args=(cfg, overrides(shards, tmp_path / "a", *common),
                                                               str(straight_dir / "checkpoints" / "latest")))
-    assert in_training["IoU"] == from_checkpoint["IoU"]
+    assert in_training["targets"]["acdc_night"]["IoU"] == from_checkpoint["IoU"]
 
 
 @pytest.mark.slow  # four 2-rank torchrun trainings: `make test-all` (what CI runs)

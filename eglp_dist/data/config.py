@@ -13,9 +13,10 @@ and bounds use ``config_fields`` so ``load_config`` rejects bad values naming th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from eglp_dist.config_fields import choice, non_negative, positive
+from eglp_dist.data.labels import CLASS_SETS as LABEL_CLASS_SETS
 from eglp_dist.errors import ConfigError
 
 
@@ -38,9 +39,11 @@ class SamplingConfig:
 
 @dataclass
 class StreamConfig:
-    """One stream (source, target, prompt, val, test): where its shards are and its pipeline."""
+    """One training stream (source, target, prompt): where its shards are and its pipeline."""
 
-    shards: str = ""  # an `eglp pack --out` folder (holds manifest.json); "" = stream unused
+    # an `eglp pack --out` folder (holds manifest.json), or a list of them read as one
+    # dataset in the order given (e.g. ACDC's four conditions); "" = stream unused
+    shards: Any = ""
     batch_size: int = positive(2)
     img_scale: Optional[List[int]] = field(default_factory=lambda: [2048, 1024])  # (long, short)
     ratio_range: Optional[List[float]] = None  # e.g. [0.5, 2.0]; None = resize to img_scale
@@ -51,8 +54,22 @@ class StreamConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
-def _eval_stream() -> StreamConfig:
-    return StreamConfig(batch_size=1, crop_size=None, cat_max_ratio=1.0, flip_prob=0.0)
+# Which classes a target's mIoU averages: Cityscapes' 19, or the subsets the DG and UDA
+# papers report for Synthia (labels.CLASS_SETS).
+CLASS_SETS = tuple(LABEL_CLASS_SETS)
+
+
+@dataclass
+class EvalStreamConfig:
+    """One evaluation target (``data.val.NAME``) or the prediction split (``data.test``): whole
+    images, one per batch, resized to ``img_scale`` (keep ratio), never cropped or flipped."""
+
+    shards: Any = ""  # a shard folder or a list of them (one target); "" = not evaluated
+    img_scale: Optional[List[int]] = field(default_factory=lambda: [2048, 1024])  # (long, short)
+    with_labels: bool = True
+    # the mIoU of each set is reported; the first is the target's headline (averaged across
+    # targets). Synthia: [synthia16, synthia13], as the DG papers and DAFormer report it.
+    class_sets: List[str] = field(default_factory=lambda: ["all"])
 
 
 @dataclass
@@ -61,9 +78,10 @@ class DataConfig:
     source: StreamConfig = field(default_factory=StreamConfig)
     target: StreamConfig = field(default_factory=lambda: StreamConfig(with_labels=False))
     prompt: StreamConfig = field(default_factory=StreamConfig)
-    val: StreamConfig = field(default_factory=_eval_stream)
-    test: StreamConfig = field(default_factory=lambda: StreamConfig(
-        batch_size=1, crop_size=None, cat_max_ratio=1.0, flip_prob=0.0, with_labels=False))
+    # evaluation targets, name -> stream: each is evaluated at every eval interval and by
+    # `eglp eval`, and their headline mIoUs are averaged (DG reports several unseen targets)
+    val: Dict[str, EvalStreamConfig] = field(default_factory=dict)
+    test: EvalStreamConfig = field(default_factory=lambda: EvalStreamConfig(with_labels=False))
     num_threads: int = positive(4)  # decode/augment threads per rank (DALI or thread pool)
     prefetch: int = positive(2)  # batches prepared ahead of the one being consumed
     decode_device: str = choice("auto", DECODE_DEVICES)  # where DALI decodes images
@@ -72,18 +90,52 @@ class DataConfig:
     std: List[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
 
 
-STREAMS = ("source", "target", "prompt", "val", "test")
+TRAIN_STREAMS = ("source", "target", "prompt")
 
 
-def check_stream(cfg, key: str) -> None:
-    """Validate one stream block; ConfigError names the dotted key (e.g. data.source.crop_size)."""
+def shard_folders(value, key: str) -> List[str]:
+    """A stream's ``shards`` as a list of folders ([] = unused): one folder or several."""
+    if value is None or value == "":
+        return []
+    folders = [value] if isinstance(value, str) else list(value) if _is_sequence(value) else None
+    if folders is None or not all(isinstance(f, str) and f for f in folders):
+        raise ConfigError(f"{key}: must be a shard folder or a list of shard folders, got {value!r}")
+    if len(set(folders)) != len(folders):
+        raise ConfigError(f"{key}: lists a folder twice: {folders}")
+    return folders
+
+
+def _is_sequence(value) -> bool:
+    return isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig"
+
+
+def _check_img_scale(cfg, bad) -> None:
+    if cfg.img_scale is not None and (len(cfg.img_scale) != 2 or min(cfg.img_scale) < 1):
+        bad("img_scale", f"must be [long, short] positive, got {list(cfg.img_scale)}")
+
+
+def check_eval_stream(cfg, key: str) -> None:
+    """Validate one evaluation target; ConfigError names the dotted key."""
     def bad(name, why):
         raise ConfigError(f"{key}.{name}: {why}")
 
+    shard_folders(cfg.shards, f"{key}.shards")
+    _check_img_scale(cfg, bad)
+    sets = list(cfg.class_sets)
+    if not sets or any(s not in CLASS_SETS for s in sets) or len(set(sets)) != len(sets):
+        bad("class_sets", f"must be distinct names among {list(CLASS_SETS)}, got {sets}")
+
+
+def check_stream(cfg, key: str) -> None:
+    """Validate one training stream block; ConfigError names the dotted key (e.g.
+    data.source.crop_size)."""
+    def bad(name, why):
+        raise ConfigError(f"{key}.{name}: {why}")
+
+    shard_folders(cfg.shards, f"{key}.shards")
     if cfg.batch_size < 1:
         bad("batch_size", f"must be >= 1, got {cfg.batch_size}")
-    if cfg.img_scale is not None and (len(cfg.img_scale) != 2 or min(cfg.img_scale) < 1):
-        bad("img_scale", f"must be [long, short] positive, got {list(cfg.img_scale)}")
+    _check_img_scale(cfg, bad)
     if cfg.ratio_range is not None and (len(cfg.ratio_range) != 2 or not
                                         0 < cfg.ratio_range[0] <= cfg.ratio_range[1]):
         bad("ratio_range", f"must be [lo, hi] with 0 < lo <= hi, got {list(cfg.ratio_range)}")
@@ -120,5 +172,8 @@ def check_data_config(cfg, key: str = "data") -> None:
         raise ConfigError(f"{key}.prefetch: must be >= 1, got {cfg.prefetch}")
     if len(cfg.mean) != 3 or len(cfg.std) != 3 or min(cfg.std) <= 0:
         raise ConfigError(f"{key}.mean/std: need 3 values each, std > 0")
-    for name in STREAMS:
+    for name in TRAIN_STREAMS:
         check_stream(getattr(cfg, name), f"{key}.{name}")
+    for name, target in cfg.val.items():
+        check_eval_stream(target, f"{key}.val.{name}")
+    check_eval_stream(cfg.test, f"{key}.test")

@@ -43,6 +43,9 @@ SYNTHIA_MAX_ID = 22  # 0 void ... 22 lanemarking
 # fence, pole), as reported by DAFormer/HRDA for SYNTHIA -> Cityscapes.
 SYNTHIA_16_CLASSES: Tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)
 SYNTHIA_13_CLASSES: Tuple[int, ...] = (0, 1, 2, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)
+# The class sets an evaluation target's mIoU can average (data.val.NAME.class_sets).
+CLASS_SETS: Dict[str, Tuple[int, ...]] = {"all": tuple(range(19)), "synthia16": SYNTHIA_16_CLASSES,
+                                          "synthia13": SYNTHIA_13_CLASSES}
 
 # Mapillary Vistas v1.2: the 66 class names in label-index order (config.json "labels").
 MAPILLARY_CLASSES: Tuple[str, ...] = (

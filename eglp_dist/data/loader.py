@@ -4,7 +4,7 @@
     batch = next(stream)          # {"img": [B,3,H,W] float32, "seg": [B,H,W] int64, "meta": [...]}
     state = stream.state_dict()   # -> checkpoint; stream.load_state_dict(state) resumes exactly
 
-    for batch in build_eval_loader(cfg.data.val, cfg.data, rank, world_size, device): ...
+    for batch in build_eval_loader(cfg.data.val.NAME, cfg.data, rank, world_size, device): ...
 
 Training is iteration based and each batch is a pure function of (seed, stream, rank, step):
 the sampler picks sample indices from the manifest (uniform / rare class / class-uniform),
@@ -32,7 +32,7 @@ import torch
 
 from eglp_dist.data.augment import Augmenter, Geometry
 from eglp_dist.data.codecs import BadSample, decode_seg
-from eglp_dist.data.config import check_data_config, check_stream
+from eglp_dist.data.config import check_data_config, check_eval_stream, check_stream, shard_folders
 from eglp_dist.data.sampling import Pick, build_sampler, min_class_pixels
 from eglp_dist.data.shards import SEG_EXT, eval_range, image_ext, open_shards
 from eglp_dist.errors import ConfigError, DataError
@@ -55,19 +55,29 @@ def stream_salt(name: str) -> int:
 
 
 def _stream_name(stream_cfg, data_cfg) -> str:
-    for name in ("source", "target", "prompt", "val", "test"):
+    """The dotted name under ``data`` of a stream block (``source``, ``val.NAME``, ``test``)."""
+    for name in ("source", "target", "prompt", "test"):
         if getattr(data_cfg, name, None) is stream_cfg:
             return name
-    return stream_cfg.shards
+    for name, target in getattr(data_cfg, "val", {}).items():
+        if target is stream_cfg:
+            return f"val.{name}"
+    return str(stream_cfg.shards)
+
+
+def open_stream_shards(name: str, stream_cfg):
+    """A stream's shard folders opened and validated (``shards.open_shards``)."""
+    folders = shard_folders(stream_cfg.shards, f"data.{name}.shards")
+    if not folders:
+        raise ConfigError(f"data.{name}.shards: no shard folder set for stream {name!r}")
+    return open_shards(folders)
 
 
 class SampleSource:
     """Decides training sample (step, slot) of one rank: pick, read, label crop, geometry."""
 
     def __init__(self, name: str, stream_cfg, rank: int, world_size: int, seed: int):
-        if not stream_cfg.shards:
-            raise ConfigError(f"data.{name}.shards: no shard folder set for stream {name!r}")
-        self.reader = open_shards(stream_cfg.shards)
+        self.reader = open_stream_shards(name, stream_cfg)
         self.manifest = self.reader.manifest
         self.with_labels = bool(stream_cfg.with_labels)
         if self.with_labels and not self.manifest.labelled:
@@ -99,7 +109,8 @@ class SampleSource:
         w, h = info["size"]
         geom, seg = self.augment.draw(rng, (h, w), label, pick)
         meta = {"key": info["key"], "source": info["source"], "index": pick.index,
-                "dataset": self.manifest.data["dataset"], "split": self.manifest.data["split"],
+                "dataset": info.get("dataset", self.manifest.data["dataset"]),
+                "split": info.get("split", self.manifest.data["split"]),
                 "ori_shape": [h, w], "step": step, **geom.to_meta()}
         if pick.cls >= 0:
             meta["sampled_class"] = pick.cls
@@ -255,12 +266,10 @@ class EvalLoader:
     """
 
     def __init__(self, name: str, stream_cfg, data_cfg, rank: int, world_size: int, device):
-        if not stream_cfg.shards:
-            raise ConfigError(f"data.{name}.shards: no shard folder set for stream {name!r}")
-        check_stream(stream_cfg, f"data.{name}")
+        check_eval_stream(stream_cfg, f"data.{name}")
         self.name, self.rank, self.world_size = name, rank, world_size
         # opened (validated) now, though read sequentially later: see shards.open_shards
-        reader = open_shards(stream_cfg.shards)
+        reader = open_stream_shards(name, stream_cfg)
         self.manifest = reader.manifest
         self.with_labels = bool(stream_cfg.with_labels) and self.manifest.labelled
         if self.with_labels:
@@ -268,6 +277,7 @@ class EvalLoader:
         reader.close()
         self.indices = eval_range(len(self.manifest), rank, world_size)
         self.img_scale = list(stream_cfg.img_scale) if stream_cfg.img_scale is not None else None
+        self.class_sets = list(stream_cfg.class_sets)  # which mIoUs the evaluation reports
         self.data_cfg, self.device = data_cfg, torch.device(device)
         self.backend = data_cfg.backend
 
@@ -290,7 +300,8 @@ class EvalLoader:
 
 def build_eval_loader(stream_cfg, data_cfg, rank: int = 0, world_size: int = 1, device="cpu",
                       name: Optional[str] = None) -> EvalLoader:
-    """A loader over this rank's share of a split (``data_cfg.val`` or ``data_cfg.test``)."""
+    """A loader over this rank's share of a split (a ``data_cfg.val`` target or
+    ``data_cfg.test``); ``name`` (default: found by identity) is its dotted key under data."""
     check_data_config(data_cfg)
     return EvalLoader(name or _stream_name(stream_cfg, data_cfg), stream_cfg, data_cfg, rank,
                       world_size, device)

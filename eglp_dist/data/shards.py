@@ -14,6 +14,7 @@ demand; the .idx offsets make that one ``pread`` per component, with no tar pars
 """
 from __future__ import annotations
 
+import bisect
 import io
 import json
 import os
@@ -278,12 +279,84 @@ class ShardReader:
             pass
 
 
-def open_shards(folder) -> ShardReader:
-    """The one way a loader opens a shard folder: manifest loaded and validated, every shard
-    checked against it (:class:`ShardReader`). Every stream, training and evaluation, opens
-    its folder with this at start-up, so bad data stops a run before its first step, not at
-    its first evaluation."""
-    return ShardReader(Manifest.load(folder))
+def combine_manifests(manifests: List[Manifest]) -> Manifest:
+    """One manifest over several shard folders read as one dataset, in the order given:
+    samples and shards concatenated (shard paths made absolute; each sample keeps its own
+    dataset and split), class statistics summed, so sampling, evaluation ranges and resume
+    see a single split; ``dataset``/``split`` join the folders' names with ``+``."""
+    if len(manifests) == 1:
+        return manifests[0]
+    shards, samples, per = [], [], []
+    class_pixels = [0] * len(manifests[0].data["class_pixels"])
+    for m in manifests:
+        base = len(shards)
+        shards += [dict(s, path=str((m.folder / s["path"]).resolve()),
+                        index=str((m.folder / s["index"]).resolve())) for s in m.data["shards"]]
+        samples += [dict(s, shard=s["shard"] + base, dataset=m.data["dataset"], split=m.data["split"])
+                    for s in m.data["samples"]]
+        per += m.data["sample_class_pixels"]
+        class_pixels = [a + b for a, b in zip(class_pixels, m.data["class_pixels"])]
+    names = lambda k: "+".join(dict.fromkeys(str(m.data[k]) for m in manifests))  # noqa: E731
+    data = dict(manifests[0].data, dataset=names("dataset"), split=names("split"),
+                num_samples=len(samples), shards=shards, samples=samples, class_pixels=class_pixels,
+                sample_class_pixels=per, labelled=all(m.labelled for m in manifests),
+                folders=[str(m.folder) for m in manifests])
+    return Manifest(manifests[0].folder, data)
+
+
+class ShardSet:
+    """Random access over one or several shard folders, each opened and validated as its
+    own :class:`ShardReader` (errors name the right folder); global sample i is the i-th of
+    the folders' samples in order. ``manifest`` is their :func:`combine_manifests`."""
+
+    def __init__(self, readers: List[ShardReader]):
+        self.readers = readers
+        self.manifest = combine_manifests([r.manifest for r in readers])
+        self._starts = []
+        n = 0
+        for r in readers:
+            self._starts.append(n)
+            n += len(r)
+        self._n = n
+
+    def _locate(self, i: int) -> Tuple[ShardReader, int]:
+        k = bisect.bisect_right(self._starts, i) - 1
+        return self.readers[k], i - self._starts[k]
+
+    def __len__(self) -> int:
+        return self._n
+
+    def read(self, i: int, exts: Optional[Tuple[str, ...]] = None) -> Dict[str, bytes]:
+        reader, j = self._locate(i)
+        return reader.read(j, exts)
+
+    def origin(self, i: int) -> str:
+        reader, j = self._locate(i)
+        return reader.origin(j)
+
+    def key(self, i: int) -> str:
+        reader, j = self._locate(i)
+        return reader.key(j)
+
+    def require(self, ext: str) -> "ShardSet":
+        for r in self.readers:
+            r.require(ext)
+        return self
+
+    def close(self) -> None:
+        for r in self.readers:
+            r.close()
+
+
+def open_shards(folders) -> ShardSet:
+    """The one way a loader opens its shards (a folder or a list of folders): each manifest
+    loaded and validated, every shard checked against it (:class:`ShardReader`). Every
+    stream, training and evaluation, opens its folders with this at start-up, so bad data
+    stops a run before its first step, not at its first evaluation."""
+    folders = [folders] if isinstance(folders, (str, os.PathLike)) else list(folders)
+    if not folders:
+        raise DataError("no shard folder given")
+    return ShardSet([ShardReader(Manifest.load(f)) for f in folders])
 
 
 def image_ext(components) -> str:

@@ -11,16 +11,13 @@ METHODS = {
     "uda": "eglp_dist.methods.uda:UDA",
     "pig": "eglp_dist.methods.pig:PIG",
     "eglp": "eglp_dist.methods.eglp:EGLP",
+    "spn": "eglp_dist.methods.spn:SPN",
 }
-PLANNED = {"spn": "SPN (hybrid prompts)"}
 
 
 def build_method(cfg, env, device):
     name = cfg.method.name
     if name not in METHODS:
-        if name in PLANNED:
-            raise ConfigError(f"method.name={name}: {PLANNED[name]} is not implemented yet; "
-                              f"available: {', '.join(METHODS)}")
         raise ConfigError(f"method.name={name!r}: unknown (available: {', '.join(METHODS)})")
     module_name, cls_name = METHODS[name].split(":")
     return getattr(importlib.import_module(module_name), cls_name)(cfg, env, device)

@@ -148,6 +148,21 @@ class EGLPConfig:
 
 
 @dataclass
+class DGAugConfig:
+    """SPN's photometric augmentation of the source (methods/dg_aug.py): RobustNet's GTAV
+    baseline, torchvision ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.5 and Gaussian blur with
+    sigma ~ U(0.15, 1.3) on every image (``datasets/__init__.py:74-81``)."""
+    enabled: bool = True
+    jitter_p: float = non_negative(0.5)
+    brightness: float = non_negative(0.4)
+    contrast: float = non_negative(0.4)
+    saturation: float = non_negative(0.4)
+    hue: float = non_negative(0.1)  # in turns, <= 0.5
+    blur_p: float = non_negative(1.0)
+    blur_sigma: List[float] = field(default_factory=lambda: [0.15, 1.3])
+
+
+@dataclass
 class MethodConfig:
     name: str = choice("source_only", ["source_only", "uda", "pig", "eglp", "spn"])
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -158,3 +173,4 @@ class MethodConfig:
     nfnet: NFNetConfig = field(default_factory=NFNetConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     eglp: EGLPConfig = field(default_factory=EGLPConfig)
+    dg_aug: DGAugConfig = field(default_factory=DGAugConfig)
