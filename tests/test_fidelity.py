@@ -95,3 +95,33 @@ def test_ema_teacher_batch_norm_statistics_are_one_model_after_sync():
     (b0, a0), (b1, a1) = run_ranks(_teacher_bn, 2)
     assert not torch.equal(b0, b1)  # drifted apart
     assert torch.equal(a0, b0) and torch.equal(a1, b0)  # rank 0's everywhere
+
+
+# ------------------------------------------------------------------ noise a new user sees
+
+def _ddp_step_warnings(env):
+    import warnings
+
+    from eglp_dist.methods import build_method
+
+    cfg = load_config(PACKAGE_CONFIG_ROOT / "demo" / "tiny_source_only.yaml", ["data.source.crop_size=[64,64]"])
+    with warnings.catch_warnings(record=True) as caught:  # keeps the filters in force
+        method = build_method(cfg, env, torch.device("cpu"))  # MiT-b0: depthwise convs under DDP
+        g = torch.Generator().manual_seed(0)
+        method.step({"source": {"img": torch.randn(2, 3, 64, 64, generator=g),
+                                "seg": torch.randint(0, 19, (2, 64, 64), generator=g)}}, 0)
+    return [str(w.message).splitlines()[0] for w in caught]
+
+
+def test_ddp_does_not_warn_about_depthwise_grad_strides_but_would_about_real_ones():
+    for messages in run_ranks(_ddp_step_warnings, 2):
+        assert not [m for m in messages if "Grad strides" in m], messages
+    import warnings
+
+    from eglp_dist.dist import engine  # noqa: F401  (installs the filter)
+
+    head = "Grad strides do not match bucket view strides. This may indicate ...\n"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.warn(head + "grad.sizes() = [1024, 1, 3, 3], strides() = [9, 1, 3, 1]", UserWarning)
+        warnings.warn(head + "grad.sizes() = [64, 32, 3, 3], strides() = [288, 1, 96, 32]", UserWarning)
+    assert [str(w.message).splitlines()[1] for w in caught] == ["grad.sizes() = [64, 32, 3, 3], strides() = [288, 1, 96, 32]"]

@@ -1,7 +1,11 @@
 #!/usr/bin/env python
-"""Seconds per training iteration and peak memory per rank: source-only vs UDA vs PIG-style vs
-EGLP, side by side; the share of the PIG step spent on its class-similarity ranking and of
-the EGLP step spent in its one statistics all-reduce (DNIS + RCM sums).
+"""Seconds per training iteration and peak memory per rank, methods side by side:
+
+* ``--suite uda`` (default): source-only vs UDA vs PIG-style vs EGLP, with the share of the
+  PIG step spent on its class-similarity ranking and of the EGLP step spent in its one
+  statistics all-reduce (DNIS + RCM sums);
+* ``--suite spn``: the DG baseline (DeepLabV3+, one resolution, no prompts) vs SPN
+  (multi-resolution encoder + MSFFP prompts), same recipe (RobustNet's augmentation).
 
 Spawns ``--ranks`` processes (gloo on CPU, NCCL where CUDA is visible: the same code), builds
 each method from the given config exactly as ``eglp train`` does (same engines, EMA teacher,
@@ -12,11 +16,14 @@ process's peak resident set (ru_maxrss, which includes the interpreter and libra
 
     python tools/bench_step.py --config configs/demo/tiny_pig.yaml --ranks 2 --iters 10
     python tools/bench_step.py --config configs/demo/tiny_pig.yaml model=tiny_daformer
+    python tools/bench_step.py --suite spn            # configs/demo/tiny_spn.yaml
+    python tools/bench_step.py --suite spn --config configs/spn/gta2all.yaml model.pretrained=null
 
-The config is the EGLP one (it holds the UDA recipe, the prompt stream, PIG's and EGLP's
-parts); each method is that config with ``method.name`` set, so all share data shapes, model
-and schedule. PIG runs with its similarity fusion on (``method.fusion.enabled=true``), as in
-tiny_pig.yaml; EGLP with DNIS instead.
+Suite uda's config is the EGLP one (it holds the UDA recipe, the prompt stream, PIG's and
+EGLP's parts); each method is that config with ``method.name`` set, so all share data
+shapes, model and schedule. PIG runs with its similarity fusion on
+(``method.fusion.enabled=true``), as in tiny_pig.yaml; EGLP with DNIS instead. Suite spn's
+baseline is the SPN config with ``model.spn.enabled=false``, as gta2all_baseline.yaml.
 """
 from __future__ import annotations
 
@@ -34,7 +41,13 @@ import torch  # noqa: E402
 
 import eglp_dist  # noqa: E402,F401
 
-METHODS = ["source_only", "uda", "pig", "eglp"]
+# suite -> (default config, [(row name, overrides)]); the first row is the reference
+SUITES = {
+    "uda": ("tiny_eglp", [("source_only", ["method.name=source_only"]), ("uda", ["method.name=uda"]),
+                          ("pig", ["method.name=pig", "method.fusion.enabled=true"]),
+                          ("eglp", ["method.name=eglp"])]),
+    "spn": ("tiny_spn", [("baseline", ["model.spn.enabled=false"]), ("spn", [])]),
+}
 
 
 def fake_batch(stream_cfg, num_classes: int, device, generator: torch.Generator) -> dict:
@@ -81,8 +94,7 @@ def _work(env, config, overrides, name, warmup, iters):
     from eglp_dist.methods import build_method
 
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    extra = ["method.fusion.enabled=true"] if name == "pig" else []
-    cfg = load_config(config, [*overrides, f"method.name={name}", *extra])
+    cfg = load_config(config, list(overrides))
     method = build_method(cfg, env, device)
     g = torch.Generator().manual_seed(env.rank)
     batches = [{s: fake_batch(getattr(cfg.data, s), cfg.model.num_classes, device, g)
@@ -90,7 +102,7 @@ def _work(env, config, overrides, name, warmup, iters):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     ranking = _time_similarity(method, device)
-    reduction = _time_reduction(device) if name == "eglp" else []
+    reduction = _time_reduction(device) if cfg.method.name == "eglp" else []
     times = []
     for it in range(warmup + iters):
         if device.type == "cuda":
@@ -115,7 +127,8 @@ def _work(env, config, overrides, name, warmup, iters):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(ROOT / "configs" / "demo" / "tiny_eglp.yaml"))
+    p.add_argument("--suite", default="uda", choices=list(SUITES))
+    p.add_argument("--config", default=None, help="default: configs/demo/tiny_eglp.yaml (uda), tiny_spn.yaml (spn)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--warmup", type=int, default=2)
@@ -123,31 +136,43 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     from dist_harness import run_ranks
 
-    by_method = {m: run_ranks(_work, a.ranks, args=(a.config, list(a.overrides), m, a.warmup, a.iters))
-                 for m in METHODS}
-    per_rank = [{m: by_method[m][r] for m in METHODS} for r in range(a.ranks)]
-    first = per_rank[0]["source_only"]
+    default_config, variants = SUITES[a.suite]
+    config = a.config or str(ROOT / "configs" / "demo" / f"{default_config}.yaml")
+    names = [n for n, _ in variants]
+    by_method = {n: run_ranks(_work, a.ranks, args=(config, [*a.overrides, *extra], n, a.warmup, a.iters))
+                 for n, extra in variants}
+    per_rank = [{n: by_method[n][r] for n in names} for r in range(a.ranks)]
+    ref = names[0]
+    first = per_rank[0][ref]
     kind = "CUDA" if torch.cuda.is_available() else "CPU, gloo"
-    print(f"model {first['model']} ({first['params']:,} params), batch {first['batch']}/rank, crop "
-          f"{first['crop']}, {a.ranks} ranks ({kind}), median of {a.iters} iterations")
+    print(f"{config}: model {per_rank[0][names[-1]]['model']}, batch {first['batch']}/rank, "
+          f"crop {first['crop']}, {a.ranks} ranks ({kind}), median of {a.iters} iterations")
     mem = "peak alloc" if torch.cuda.is_available() else "peak RSS"
-    print(f"{'method':<12}{'rank':>5}{'s/iter':>9}{'x src':>7}{'x uda':>7}{mem:>13}{'x src':>7}{'x uda':>7}"
-          f"{'ranking':>9}{'reduce':>8}")
+    uda = "uda" if "uda" in names else None
+    rx = f"x {ref[:5]}"
+    print(f"{'method':<12}{'rank':>5}{'s/iter':>9}{rx:>9}" + (f"{'x uda':>7}" if uda else "") + f"{mem:>13}{rx:>9}"
+          + (f"{'x uda':>7}{'ranking':>9}{'reduce':>8}" if uda else "") + f"{'params':>12}")
     for rank, rows in enumerate(per_rank):
-        base, uda = rows["source_only"], rows["uda"]
-        for name in METHODS:
+        base = rows[ref]
+        for name in names:
             r = rows[name]
-            share = "" if r["ranking_share"] is None else f"{100 * r['ranking_share']:.1f}%"
-            red = "" if r["reduce_share"] is None else f"{100 * r['reduce_share']:.2f}%"
-            print(f"{name:<12}{rank:>5}{r['s_per_iter']:>9.3f}{r['s_per_iter'] / base['s_per_iter']:>7.2f}"
-                  f"{r['s_per_iter'] / uda['s_per_iter']:>7.2f}"
-                  f"{r['peak_bytes'] / 2**20:>10.0f}MiB{r['peak_bytes'] / base['peak_bytes']:>7.2f}"
-                  f"{r['peak_bytes'] / uda['peak_bytes']:>7.2f}{share:>9}{red:>8}")
-    print("ranking: share of the step in the class-similarity ranking (PIG's fusion); reduce: share of the "
-          "step in EGLP's one statistics all-reduce (DNIS + RCM sums)")
-    if "pig" in METHODS and "eglp" in METHODS:
+            line = f"{name:<12}{rank:>5}{r['s_per_iter']:>9.3f}{r['s_per_iter'] / base['s_per_iter']:>9.2f}"
+            if uda:
+                line += f"{r['s_per_iter'] / rows[uda]['s_per_iter']:>7.2f}"
+            line += f"{r['peak_bytes'] / 2**20:>10.0f}MiB{r['peak_bytes'] / base['peak_bytes']:>9.2f}"
+            if uda:
+                share = "" if r["ranking_share"] is None else f"{100 * r['ranking_share']:.1f}%"
+                red = "" if r["reduce_share"] is None else f"{100 * r['reduce_share']:.2f}%"
+                line += f"{r['peak_bytes'] / rows[uda]['peak_bytes']:>7.2f}{share:>9}{red:>8}"
+            print(line + f"{r['params']:>12,}")
+    if uda:
+        print("ranking: share of the step in the class-similarity ranking (PIG's fusion); reduce: share of the "
+              "step in EGLP's one statistics all-reduce (DNIS + RCM sums)")
         ratios = [rows["eglp"]["s_per_iter"] / rows["pig"]["s_per_iter"] for rows in per_rank]
         print(f"EGLP / PIG step time: {', '.join(f'{x:.2f}' for x in ratios)} (per rank)")
+    else:
+        ratios = [rows[names[-1]]["s_per_iter"] / rows[ref]["s_per_iter"] for rows in per_rank]
+        print(f"{names[-1]} / {ref} step time: {', '.join(f'{x:.2f}' for x in ratios)} (per rank)")
     return 0
 
 

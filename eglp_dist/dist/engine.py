@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -36,6 +37,16 @@ from eglp_dist.dist.env import DistEnv
 from eglp_dist.optim import build_optimizer, build_scheduler
 
 ENGINE_FILE = "engine.pt"  # DDP checkpoint of one engine
+
+# DDP's reducer compares a gradient's strides with its bucket view's on *every* dimension.
+# The backward of a depthwise conv (MiT's Mix-FFN, weights [C, 1, k, k]) returns a grad with
+# strides [k*k, 1, k, 1] for the contiguous [k*k, k*k, k, 1] of the weight: they differ only
+# on the size-1 dimension, where a stride addresses nothing, so both are the same memory
+# layout and the copy into the bucket is the one DDP always makes. Exactly that case (sizes
+# [N, 1, K, K]) is silenced; any other stride mismatch is a real layout difference and warns.
+DEPTHWISE_STRIDE_WARNING = (r"(?s)Grad strides do not match bucket view strides.*"
+                            r"grad\.sizes\(\) = \[\d+, 1, \d+, \d+\]")
+warnings.filterwarnings("ignore", message=DEPTHWISE_STRIDE_WARNING, category=UserWarning)
 DS_TAG = "zero"  # DeepSpeed checkpoint tag (sub-folder) of one engine
 
 
