@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from pathlib import Path
 
 from eglp_dist.errors import UserError
+from eglp_dist.resources import resource_dir
 
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
+TOOLS = resource_dir("tools")
 
 
 def run_cli(args: argparse.Namespace) -> int:

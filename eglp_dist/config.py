@@ -34,8 +34,9 @@ from eglp_dist.data.config import DataConfig, check_data_config
 from eglp_dist.errors import ConfigError
 from eglp_dist.methods.config import MethodConfig
 from eglp_dist.models.config import ModelConfig
+from eglp_dist.resources import resource_dir, shipped_config
 
-PACKAGE_CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+PACKAGE_CONFIG_ROOT = resource_dir("configs")
 
 
 @dataclass
@@ -332,7 +333,7 @@ def _selected_in(path: Path, root: Path, group: str, _seen: Tuple[Path, ...] = (
 def load_config(path: os.PathLike | str, overrides: Sequence[str] = ()) -> DictConfig:
     """Defaults <- file (with its defaults) <- overrides, validated. Returns a read-only
     structured DictConfig (attribute access, typed)."""
-    path = Path(path)
+    path = shipped_config(Path(path))
     root = config_root_for(path)
     schema = OmegaConf.structured(Config)
     groups, parts = parse_overrides(overrides, root)

@@ -191,7 +191,8 @@ def main(argv=None) -> int:
     p.add_argument("--low-k", type=int, default=4)
     p.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
     a = p.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
+    if (ROOT / "eglp_dist").is_dir():  # run from a checkout, uninstalled
+        sys.path.insert(0, str(ROOT))
     a.iters = a.iters or {"eglp": 300, "spn": 1500}[a.study]
     out = Path(a.out or {"eglp": "runs/ablation", "spn": "runs/ablation_spn"}[a.study])
     t0 = time.perf_counter()

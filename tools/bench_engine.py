@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import torch
+import torch.nn as nn
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-
-import eglp_dist  # noqa: E402,F401
+import eglp_dist  # noqa: F401  (the torchvision import shim, before timm)
 
 KINDS = ["ddp", "zero1", "zero2"]
 
@@ -79,7 +75,7 @@ def main(argv=None) -> int:
     p.add_argument("--depth", type=int, default=8)
     p.add_argument("--steps", type=int, default=5)
     a = p.parse_args(argv)
-    from dist_harness import run_ranks
+    from eglp_dist.dist.spawn import run_ranks
 
     rows = run_ranks(_work, a.ranks, args=(a.width, a.depth, a.steps))[0]
     ddp = rows["ddp"]

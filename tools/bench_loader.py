@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 LOADERS = ("folder", "wds", "dali")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, too
+if (Path(__file__).resolve().parents[1] / "eglp_dist").is_dir():  # run from a checkout, uninstalled
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def parse_args(argv=None) -> argparse.Namespace:

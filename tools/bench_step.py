@@ -30,16 +30,11 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+import torch
 
-import torch  # noqa: E402
-
-import eglp_dist  # noqa: E402,F401
+from eglp_dist.config import PACKAGE_CONFIG_ROOT
 
 # suite -> (default config, [(row name, overrides)]); the first row is the reference
 SUITES = {
@@ -134,10 +129,10 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=8)
     a = p.parse_args(argv)
-    from dist_harness import run_ranks
+    from eglp_dist.dist.spawn import run_ranks
 
     default_config, variants = SUITES[a.suite]
-    config = a.config or str(ROOT / "configs" / "demo" / f"{default_config}.yaml")
+    config = a.config or str(PACKAGE_CONFIG_ROOT / "demo" / f"{default_config}.yaml")
     names = [n for n, _ in variants]
     by_method = {n: run_ranks(_work, a.ranks, args=(config, [*a.overrides, *extra], n, a.warmup, a.iters))
                  for n, extra in variants}

@@ -46,7 +46,11 @@ ENGINE_FILE = "engine.pt"  # DDP checkpoint of one engine
 # [N, 1, K, K]) is silenced; any other stride mismatch is a real layout difference and warns.
 DEPTHWISE_STRIDE_WARNING = (r"(?s)Grad strides do not match bucket view strides.*"
                             r"grad\.sizes\(\) = \[\d+, 1, \d+, \d+\]")
-warnings.filterwarnings("ignore", message=DEPTHWISE_STRIDE_WARNING, category=UserWarning)
+
+
+def quiet_depthwise_stride_warning() -> None:
+    """Install the filter (idempotent: ``warnings`` replaces an identical entry)."""
+    warnings.filterwarnings("ignore", message=DEPTHWISE_STRIDE_WARNING, category=UserWarning)
 DS_TAG = "zero"  # DeepSpeed checkpoint tag (sub-folder) of one engine
 
 
@@ -172,6 +176,7 @@ class DDPEngine(Engine):
         self.model.to(self.device)
         self.dispatcher = MethodDispatcher(self.model)
         if self.env.world_size > 1:
+            quiet_depthwise_stride_warning()
             self.wrapper: nn.Module = DistributedDataParallel(
                 self.dispatcher,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
