@@ -126,3 +126,40 @@ def test_ddp_does_not_warn_about_depthwise_grad_strides_but_would_about_real_one
         warnings.warn(head + "grad.sizes() = [1024, 1, 3, 3], strides() = [9, 1, 3, 1]", UserWarning)
         warnings.warn(head + "grad.sizes() = [64, 32, 3, 3], strides() = [288, 1, 96, 32]", UserWarning)
     assert [str(w.message).splitlines()[1] for w in caught] == ["grad.sizes() = [64, 32, 3, 3], strides() = [288, 1, 96, 32]"]
+
+
+# ------------------------------------------------------------------ resize filter (mmcv's cv2)
+
+def test_resampling_is_mmcvs_cv2_inter_linear_and_inter_nearest_by_default():
+    """DAFormer/HRDA's Resize is mmcv.imrescale = cv2.resize INTER_LINEAR (no antialiasing)
+    for images and INTER_NEAREST for labels; a resized-then-cropped sample must be the same
+    pixels (images within cv2's fixed-point rounding: 1 grey level)."""
+    import io
+
+    import cv2
+    from PIL import Image
+
+    from eglp_dist.data.augment import crop_label
+    from eglp_dist.data.config import DataConfig
+    from eglp_dist.data.wds import resample
+
+    assert DataConfig().resample == "mmcv"
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (300, 500, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    lab = rng.integers(0, 19, (300, 500), dtype=np.uint8)
+    for H, W in [(150, 250), (137, 229), (611, 1003)]:  # 2x down, odd down, up
+        top, left, h, w = 17, 23, min(100, H - 17), 128
+        sy, sx = H / 300, W / 500
+        box = (left / sx, top / sy, (left + w) / sx, (top + h) / sy)
+        ref = cv2.resize(img, (W, H), interpolation=cv2.INTER_LINEAR)[top:top + h, left:left + w]
+        for flip in (False, True):
+            ours = resample(buf.getvalue(), box, (h, w), flip)
+            want = ref[:, ::-1] if flip else ref
+            assert np.abs(ours.astype(int) - want.astype(int)).max() <= 1, (H, W, flip)
+        ref_lab = cv2.resize(lab, (W, H), interpolation=cv2.INTER_NEAREST)[top:top + h, left:left + w]
+        assert np.array_equal(crop_label(lab, (H, W), top, left, (h, w)), ref_lab)
+    # the other convention stays available: antialiased when shrinking, so it differs from cv2
+    anti = resample(buf.getvalue(), (0.0, 0.0, 500.0, 300.0), (150, 250), False, mode="antialias")
+    assert np.abs(anti.astype(int) - cv2.resize(img, (250, 150), interpolation=cv2.INTER_LINEAR).astype(int)).max() > 5

@@ -6,13 +6,20 @@ RandomCrop(crop_size, cat_max_ratio) -> RandomFlip(prob) -> Normalize -> Pad(cro
 crop retries), never on the image. So we decide the geometry here, on the label (decoded
 losslessly on the CPU, cheap: one channel), and express it as one resampling of an image
 *box* to the crop's size: "resize the whole image, then crop" equals "resample the crop's
-source box to the crop size" (same pixel centres, same bilinear/antialias filter), and a
-horizontal flip is the same box with its x ends swapped. Both backends then do only that:
-PIL ``Image.resize(size, box=...)`` and DALI ``fn.resize(roi_start, roi_end)``. That makes
-their semantics identical by construction, the label tensors bit-identical, and it is cheap:
-the image is decoded once and only the crop region is resampled.
+source box to the crop size" (same pixel centres, same filter), and a horizontal flip is
+the same box with its x ends swapped. Both backends then do only that (``resample_box`` /
+PIL ``Image.resize(box=...)`` and DALI ``fn.resize(roi_start, roi_end)``). That makes their
+semantics identical by construction, the label tensors bit-identical, and it is cheap: the
+image is decoded once and only the crop region is resampled.
 
-Labels use nearest neighbour with pixel-centre sampling (PIL/DALI convention).
+Which resampling (``data.resample``):
+
+* ``mmcv`` (default, the reference): what mmcv's ``imrescale`` does for DAFormer/HRDA/PIG's
+  ``Resize``: images with cv2 ``INTER_LINEAR`` -- bilinear on half-pixel centres, coordinates
+  clamped at the border, **no antialiasing** when shrinking -- and labels with cv2
+  ``INTER_NEAREST``, which takes source pixel ``floor(dst * src / dst_size)`` (not the centre);
+* ``antialias``: bilinear with antialiasing when shrinking (PIL ``BILINEAR``, DALI
+  ``antialias=True``) and pixel-centre nearest labels: smoother downscales, not the papers'.
 """
 from __future__ import annotations
 
@@ -58,28 +65,58 @@ def rescale_hw(hw: Tuple[int, int], img_scale: Optional[Sequence[int]], ratio: f
     return max(1, int(h * sf + 0.5)), max(1, int(w * sf + 0.5))
 
 
-def _nearest_index(offset: int, length: int, scale: float, src_len: int) -> np.ndarray:
-    return np.minimum(((offset + np.arange(length) + 0.5) / scale).astype(np.int64), src_len - 1)
+def _nearest_index(offset: int, length: int, scale: float, src_len: int, centre: bool) -> np.ndarray:
+    """Source index of each output pixel: cv2 INTER_NEAREST ``floor(dst / scale)`` or, with
+    ``centre``, the pixel whose area holds the output pixel's centre."""
+    pos = (offset + np.arange(length) + (0.5 if centre else 0.0)) / scale
+    return np.minimum(pos.astype(np.int64), src_len - 1)
 
 
-def crop_label(label: np.ndarray, scaled_hw, top: int, left: int, out_hw) -> np.ndarray:
+def crop_label(label: np.ndarray, scaled_hw, top: int, left: int, out_hw, resample: str = "mmcv") -> np.ndarray:
     """The label under a crop of the resized image (nearest neighbour), without resizing all."""
     h, w = label.shape
-    rows = _nearest_index(top, out_hw[0], scaled_hw[0] / h, h)
-    cols = _nearest_index(left, out_hw[1], scaled_hw[1] / w, w)
+    centre = resample == "antialias"
+    rows = _nearest_index(top, out_hw[0], scaled_hw[0] / h, h, centre)
+    cols = _nearest_index(left, out_hw[1], scaled_hw[1] / w, w, centre)
     return label[rows][:, cols]
+
+
+def _linear_axis(lo: float, hi: float, n: int, size: int):
+    """cv2 INTER_LINEAR along one axis for the source interval [lo, hi) -> n pixels: the two
+    source indices (clamped) and the weight of the second."""
+    x = lo + (np.arange(n) + 0.5) * ((hi - lo) / n) - 0.5
+    x0 = np.floor(x)
+    frac = (x - x0).astype(np.float32)
+    x0 = x0.astype(np.int64)
+    return np.clip(x0, 0, size - 1), np.clip(x0 + 1, 0, size - 1), frac
+
+
+def resample_box(image: np.ndarray, box, out_hw) -> np.ndarray:
+    """uint8 [H, W, C] -> the ``box`` (x0, y0, x1, y1) resampled to ``out_hw`` as cv2.resize
+    with INTER_LINEAR would give it inside the resized image (mmcv's training and test
+    Resize): bilinear, half-pixel centres, border clamped, no antialiasing. Floating point
+    where cv2 uses 11-bit fixed-point weights, so values may differ by one grey level."""
+    x0, y0, x1, y1 = box
+    h, w = out_hw
+    r0, r1, fy = _linear_axis(y0, y1, h, image.shape[0])
+    c0, c1, fx = _linear_axis(x0, x1, w, image.shape[1])
+    a = image.astype(np.float32)
+    rows = a[r0] * (1.0 - fy)[:, None, None] + a[r1] * fy[:, None, None]
+    out = rows[:, c0] * (1.0 - fx)[None, :, None] + rows[:, c1] * fx[None, :, None]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 class Augmenter:
     """Draws a sample's geometry from its RNG (and label) for one stream's config."""
 
-    def __init__(self, stream_cfg, min_class_pixels: Optional[float] = None):
+    def __init__(self, stream_cfg, min_class_pixels: Optional[float] = None, resample: str = "mmcv"):
         self.img_scale = list(stream_cfg.img_scale) if stream_cfg.img_scale is not None else None
         self.ratio_range = list(stream_cfg.ratio_range) if stream_cfg.ratio_range is not None else None
         self.crop = tuple(stream_cfg.crop_size) if stream_cfg.crop_size is not None else None
         self.cat_max_ratio = float(stream_cfg.cat_max_ratio)
         self.flip_prob = float(stream_cfg.flip_prob)
         self.min_class_pixels = min_class_pixels
+        self.resample = resample
 
     def _offset(self, rng, scaled_hw, out_hw, label, pick: Pick) -> Tuple[int, int]:
         mh, mw = scaled_hw[0] - out_hw[0], scaled_hw[1] - out_hw[1]
@@ -97,17 +134,17 @@ class Augmenter:
         < cat_max_ratio of the crop and there are >= 2 classes; the 11th draw is kept."""
         top, left = self._offset(rng, scaled_hw, out_hw, label, pick)
         if label is None or self.cat_max_ratio >= 1.0 or pick.centre:
-            return top, left, (crop_label(label, scaled_hw, top, left, out_hw)
+            return top, left, (crop_label(label, scaled_hw, top, left, out_hw, self.resample)
                                if label is not None else None)
         for _ in range(CAT_MAX_TRIES):
-            seg = crop_label(label, scaled_hw, top, left, out_hw)
+            seg = crop_label(label, scaled_hw, top, left, out_hw, self.resample)
             cnt = np.bincount(seg.ravel(), minlength=256)
             cnt[IGNORE_INDEX] = 0
             cnt = cnt[cnt > 0]
             if len(cnt) > 1 and cnt.max() / cnt.sum() < self.cat_max_ratio:
                 return top, left, seg
             top, left = self._offset(rng, scaled_hw, out_hw, label, pick)
-        return top, left, crop_label(label, scaled_hw, top, left, out_hw)
+        return top, left, crop_label(label, scaled_hw, top, left, out_hw, self.resample)
 
     def draw(self, rng: np.random.Generator, hw: Tuple[int, int], label: Optional[np.ndarray],
              pick: Pick = Pick(-1)) -> Tuple[Geometry, Optional[np.ndarray]]:

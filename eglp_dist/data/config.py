@@ -23,6 +23,7 @@ from eglp_dist.errors import ConfigError
 BACKENDS = ("dali", "wds")  # DALI decode/resize/normalise | PIL + numpy threads (+ webdataset)
 SAMPLING = ("uniform", "random", "rcs", "class_uniform")
 DECODE_DEVICES = ("auto", "cpu", "mixed")  # auto: 'mixed' (nvJPEG) when CUDA is in use, else cpu
+RESAMPLE = ("mmcv", "antialias")  # see data/augment.py
 
 
 @dataclass
@@ -85,6 +86,9 @@ class DataConfig:
     num_threads: int = positive(4)  # decode/augment threads per rank (DALI or thread pool)
     prefetch: int = positive(2)  # batches prepared ahead of the one being consumed
     decode_device: str = choice("auto", DECODE_DEVICES)  # where DALI decodes images
+    # mmcv: cv2 INTER_LINEAR images / INTER_NEAREST labels, no antialiasing (DAFormer/HRDA's
+    # Resize); antialias: antialiased bilinear, pixel-centre labels. Train and eval, both backends.
+    resample: str = choice("mmcv", RESAMPLE)
     seed: int = 0  # used when the caller passes no seed
     mean: List[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
     std: List[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
@@ -168,6 +172,8 @@ def check_data_config(cfg, key: str = "data") -> None:
                           f"got {cfg.decode_device!r}")
     if cfg.num_threads < 1:
         raise ConfigError(f"{key}.num_threads: must be >= 1, got {cfg.num_threads}")
+    if cfg.resample not in RESAMPLE:
+        raise ConfigError(f"{key}.resample: must be one of {list(RESAMPLE)}, got {cfg.resample!r}")
     if cfg.prefetch < 1:
         raise ConfigError(f"{key}.prefetch: must be >= 1, got {cfg.prefetch}")
     if len(cfg.mean) != 3 or len(cfg.std) != 3 or min(cfg.std) <= 0:

@@ -53,7 +53,7 @@ def to_torch(tl, device: torch.device) -> torch.Tensor:
 
 
 def _train_pipeline(feed, batch_size: int, decoder: str, device_id, threads: int, crop_hw,
-                    mean, std, prefetch: int):
+                    mean, std, prefetch: int, antialias: bool):
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id,
@@ -64,7 +64,7 @@ def _train_pipeline(feed, batch_size: int, decoder: str, device_id, threads: int
             dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.FLOAT])
         images = fn.decoders.image(data, device=decoder, output_type=types.RGB)
         images = fn.resize(images, size=size, roi_start=roi_start, roi_end=roi_end,
-                           roi_relative=False, interp_type=types.INTERP_LINEAR, antialias=True)
+                           roi_relative=False, interp_type=types.INTERP_LINEAR, antialias=antialias)
         if crop_hw is not None:  # pad bottom/right to the crop size with 0 (after normalising)
             return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
                                             mean=mean, std=std, crop=crop_hw, crop_pos_x=0.0,
@@ -106,7 +106,8 @@ class DaliTrainProducer:
         crop = source.augment.crop
         self.pipe = _train_pipeline(self._feed, source.batch_size, decoder, device_id,
                                     data_cfg.num_threads, list(crop) if crop else None,
-                                    list(data_cfg.mean), list(data_cfg.std), 2)
+                                    list(data_cfg.mean), list(data_cfg.std), 2,
+                                    data_cfg.resample == "antialias")
 
     def _feed(self, info):
         """external_source callback: iteration i of this pipeline is step start + i."""
@@ -163,7 +164,8 @@ def _eval_pipeline(loader, decoder: str, device_id, with_labels: bool):
             sf = dmath.min(long_ / dmath.max(h, w), short / dmath.min(h, w))
             size = fn.cast(fn.stack(dmath.floor(h * sf + 0.5), dmath.floor(w * sf + 0.5)),
                            dtype=types.FLOAT)
-            images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
+            images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR,
+                               antialias=loader.resample == "antialias")
         images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
                                           mean=list(loader.data_cfg.mean),
                                           std=list(loader.data_cfg.std))

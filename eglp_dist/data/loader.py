@@ -76,7 +76,8 @@ def open_stream_shards(name: str, stream_cfg):
 class SampleSource:
     """Decides training sample (step, slot) of one rank: pick, read, label crop, geometry."""
 
-    def __init__(self, name: str, stream_cfg, rank: int, world_size: int, seed: int):
+    def __init__(self, name: str, stream_cfg, rank: int, world_size: int, seed: int,
+                 resample: str = "mmcv"):
         self.reader = open_stream_shards(name, stream_cfg)
         self.manifest = self.reader.manifest
         self.with_labels = bool(stream_cfg.with_labels)
@@ -89,7 +90,8 @@ class SampleSource:
         self.batch_size = int(stream_cfg.batch_size)
         self.sampler = build_sampler(stream_cfg.sampling, self.manifest.data, self.batch_size,
                                      rank, world_size, seed, self.salt)
-        self.augment = Augmenter(stream_cfg, min_class_pixels(stream_cfg.sampling))
+        self.augment = Augmenter(stream_cfg, min_class_pixels(stream_cfg.sampling), resample)
+        self.resample = resample
 
     def rng(self, step: int, slot: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.salt, self.rank, step, slot])
@@ -182,7 +184,7 @@ class TrainStream:
         self.name, self.rank, self.world_size = name, rank, world_size
         self.device = torch.device(device)
         self.stream_cfg, self.data_cfg = stream_cfg, data_cfg
-        self.source = SampleSource(name, stream_cfg, rank, world_size, seed)
+        self.source = SampleSource(name, stream_cfg, rank, world_size, seed, data_cfg.resample)
         self.backend = data_cfg.backend
         self.step = 0
         self._producer = None
@@ -280,6 +282,7 @@ class EvalLoader:
         self.class_sets = list(stream_cfg.class_sets)  # which mIoUs the evaluation reports
         self.data_cfg, self.device = data_cfg, torch.device(device)
         self.backend = data_cfg.backend
+        self.resample = data_cfg.resample
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -3,7 +3,7 @@ webdataset library.
 
 Training samples come from ``loader.SampleSource`` (sampler + random access by .idx offset),
 so this module only turns a planned sample into pixels: decode, resample the planned box to
-the crop size (``Image.resize(box=...)``), mirror, then normalise and pad on the target
+the crop size (``augment.resample_box``, or ``Image.resize(box=...)``), mirror, then normalise and pad on the target
 device. PIL releases the GIL while decoding and resampling, so a thread pool scales across
 cores without worker processes.
 
@@ -20,22 +20,26 @@ import numpy as np
 import torch
 from PIL import Image
 
-from eglp_dist.data.augment import eval_geometry
+from eglp_dist.data.augment import eval_geometry, resample_box
 from eglp_dist.data.codecs import BadSample, decode_seg, load_rgb
 from eglp_dist.data.loader import Prefetcher, SampleSource, batch_hw, collate_segs, normalise_into
 from eglp_dist.data.shards import SEG_EXT, image_ext
 from eglp_dist.errors import DataError
 
 
-def resample(image: bytes, box, out_hw, flip: bool, name: str = "image") -> np.ndarray:
-    """Decode and resample ``box`` of an encoded image to ``out_hw`` (bilinear, antialiased
-    when shrinking), mirrored if ``flip`` -> uint8 [h, w, 3]."""
+def resample(image: bytes, box, out_hw, flip: bool, name: str = "image", mode: str = "mmcv") -> np.ndarray:
+    """Decode and resample ``box`` of an encoded image to ``out_hw`` (``data.resample``:
+    mmcv's cv2 INTER_LINEAR, or PIL's antialiased bilinear), mirrored if ``flip`` -> uint8
+    [h, w, 3]."""
     try:
         im = load_rgb(image, name)
     except BadSample as exc:
         raise DataError(str(exc)) from None
     h, w = out_hw
     if (w, h) != im.size or tuple(box) != (0.0, 0.0, float(im.size[0]), float(im.size[1])):
+        if mode == "mmcv":
+            arr = resample_box(np.asarray(im), box, out_hw)
+            return np.ascontiguousarray(arr[:, ::-1]) if flip else arr
         im = im.resize((w, h), Image.BILINEAR, box=tuple(box))
     if flip:
         im = im.transpose(Image.FLIP_LEFT_RIGHT)
@@ -53,7 +57,7 @@ class PilTrainProducer:
 
     def _sample(self, step: int, slot: int):
         p = self.source.plan(step, slot)
-        return resample(p.image, p.geom.box, p.geom.out_hw, p.geom.flip, p.origin), p
+        return resample(p.image, p.geom.box, p.geom.out_hw, p.geom.flip, p.origin, self.source.resample), p
 
     def get(self, step: int) -> dict:
         results = self.prefetch.get(step)
@@ -96,7 +100,7 @@ def iter_eval_wds(loader) -> Iterator[dict]:
             geom = eval_geometry((h, w), loader.img_scale)
             origin = f"{sample['__url__']}:{meta['key']}"
             ext = image_ext(sample)
-            arr = resample(sample[ext], geom.box, geom.out_hw, False, f"{origin}.{ext}")
+            arr = resample(sample[ext], geom.box, geom.out_hw, False, f"{origin}.{ext}", loader.resample)
             img = torch.zeros((1, 3) + tuple(geom.out_hw), dtype=torch.float32, device=loader.device)
             batch = {"img": normalise_into(img, [arr], mean, std),
                      "meta": [loader.meta(index, meta, geom.out_hw)]}
