@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", required=True)
     p.add_argument("--out", required=True, help="output folder (created atomically)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    p.add_argument("--image-format", default="jpg", choices=["jpg", "png"])
+    p.add_argument("--image-format", default="auto", choices=["auto", "jpg", "png"],
+                   help="auto: lossless png for val/test, jpg for training splits (RGB JPEG sources "
+                        "are kept as they are either way)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--skip-bad", action="store_true", help="skip bad samples and list them in the manifest")

@@ -121,7 +121,7 @@ def test_test_split_is_packed_without_labels(city, tmp_path):
     m = pack("cityscapes", city, "test", tmp_path / "test", workers=1, progress=False)
     assert not m["labelled"] and m["num_samples"] == 7 and m["class_pixels"] == [0] * 19
     idx = (tmp_path / "test" / m["shards"][0]["index"]).read_text()
-    assert "seg.png" not in idx and "\njpg " in idx
+    assert "seg.png" not in idx and "\npng " in idx  # evaluation splits: lossless by default
 
 
 def test_png_images_and_label_ids_fallback(tmp_path):

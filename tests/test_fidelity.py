@@ -163,3 +163,35 @@ def test_resampling_is_mmcvs_cv2_inter_linear_and_inter_nearest_by_default():
     # the other convention stays available: antialiased when shrinking, so it differs from cv2
     anti = resample(buf.getvalue(), (0.0, 0.0, 500.0, 300.0), (150, 250), False, mode="antialias")
     assert np.abs(anti.astype(int) - cv2.resize(img, (250, 150), interpolation=cv2.INTER_LINEAR).astype(int)).max() > 5
+
+
+# ------------------------------------------------------------------ lossless evaluation pixels
+
+def test_evaluation_splits_are_packed_losslessly_and_training_splits_as_jpeg(tmp_path):
+    from PIL import Image
+
+    from eglp_dist.data import synth
+    from eglp_dist.data.pack import pack
+    from eglp_dist.data.shards import open_shards
+
+    root = tmp_path / "cs"
+    synth.write_dataset("cityscapes", root, n=3, splits=["train", "val"], size=(64, 32))
+    for split, ext in (("val", "png"), ("train", "jpg")):
+        m = pack("cityscapes", root, split, tmp_path / split, workers=1, progress=False)
+        assert m["image_format"] == ext
+        reader = open_shards(tmp_path / split)
+        for i, s in enumerate(m["samples"]):
+            comps = reader.read(i)
+            assert ext in comps
+            if split == "val":  # the dataset's own pixels, exactly
+                import io
+
+                got = np.asarray(Image.open(io.BytesIO(comps["png"])).convert("RGB"))
+                assert np.array_equal(got, np.asarray(Image.open(root / s["source"]).convert("RGB")))
+    # a JPEG source is stored as it is, whatever the format (no second lossy generation)
+    mroot = tmp_path / "map"
+    synth.write_dataset("mapillary", mroot, n=2, splits=["val"], size=(64, 32))
+    m = pack("mapillary", mroot, "val", tmp_path / "mv", workers=1, progress=False)
+    reader = open_shards(tmp_path / "mv")
+    for i, s in enumerate(m["samples"]):
+        assert reader.read(i)["jpg"] == (mroot / s["source"]).read_bytes()

@@ -66,11 +66,14 @@ def _encode_sample(job) -> dict:
     except OSError as exc:
         raise BadSample(f"{pair.image}: cannot read image ({exc.strerror})") from None
     im = load_image(raw, str(pair.image))
-    keep = image_format == "jpg" and im.format == "JPEG" and im.mode == "RGB"
+    # An RGB JPEG source is kept byte-for-byte in either format: no second lossy generation,
+    # and for png the very pixels the source decodes to (a PNG of them only takes more bytes).
+    keep = im.format == "JPEG" and im.mode == "RGB"
     im = im if im.mode == "RGB" else im.convert("RGB")
-    if image_format == "jpg":
-        # An RGB JPEG source is kept byte-for-byte (no second lossy generation).
-        img_bytes = raw if keep else encode_jpeg(im, quality)
+    if keep:
+        img_bytes = raw
+    elif image_format == "jpg":
+        img_bytes = encode_jpeg(im, quality)
     else:
         img_bytes = encode_png(np.asarray(im))
     out = {"key": key, "image": img_bytes, "size": list(im.size), "counts": None, "seg": None}
@@ -131,7 +134,19 @@ def _encoded(jobs, workers: int):
         pool.join()
 
 
-def pack(dataset: str, root, split: str, out, shard_size: int = 1000, image_format: str = "jpg",
+EVAL_SPLITS = ("val", "test")  # packed losslessly by default: scores on the papers' pixels
+
+
+def image_format_for(split: str, image_format: str = "auto") -> str:
+    """``auto``: lossless PNG for evaluation splits (a score must be taken on the dataset's
+    own pixels), JPEG for training splits (nvJPEG decodes them on the GPU; q95 is far below
+    the augmentation's own changes)."""
+    if image_format != "auto":
+        return image_format
+    return "png" if split in EVAL_SPLITS else "jpg"
+
+
+def pack(dataset: str, root, split: str, out, shard_size: int = 1000, image_format: str = "auto",
          quality: int = 95, workers: int = 2, skip_bad: bool = False, seed: int = 0,
          overwrite: bool = False, progress: bool = True) -> dict:
     """Pack one split of a dataset into ``out``; returns the manifest dict.
@@ -139,8 +154,9 @@ def pack(dataset: str, root, split: str, out, shard_size: int = 1000, image_form
     Raises DataError naming the file and the problem on bad input (unless ``skip_bad``, in
     which case bad samples are listed under ``skipped``); ``out`` is then not created.
     """
-    if image_format not in ("jpg", "png"):
-        raise DataError(f"--image-format must be jpg or png, got {image_format!r}")
+    if image_format not in ("auto", "jpg", "png"):
+        raise DataError(f"--image-format must be auto, jpg or png, got {image_format!r}")
+    image_format = image_format_for(split, image_format)
     if not 1 <= quality <= 100:
         raise DataError(f"--quality must be in 1..100, got {quality}")
     if shard_size < 1:
