@@ -29,7 +29,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from eglp_dist.atomic import write_text_atomic
-from eglp_dist.config_fields import CHOICES, choice, non_negative, positive
+from eglp_dist.config_fields import check_fields, choice, non_negative, positive
 from eglp_dist.data.config import DataConfig, check_data_config
 from eglp_dist.errors import ConfigError
 from eglp_dist.methods.config import MethodConfig
@@ -265,33 +265,17 @@ def merge_checked(schema: DictConfig, update: DictConfig, origin: str) -> DictCo
     """Merge `update` onto a structured config, rejecting unknown keys and bad values by name."""
     check_keys(schema, update, origin)
     try:
-        return OmegaConf.merge(schema, update)
+        merged = OmegaConf.merge(schema, update)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or _first_leaf(update, "").lstrip(".") or "?"
         msg = str(exc).splitlines()[0]
         where = f" (in {origin})" if origin else ""
         raise ConfigError(f"bad value for config key '{key}'{where}: {msg}") from exc
-
-
-def _check_field_rules(cfg: DictConfig, dc_type: type, prefix: str = "") -> None:
-    """Choices and bounds declared with config_fields.choice/positive/non_negative."""
-    for f in dataclasses.fields(dc_type):
-        value = cfg[f.name]
-        full = f"{prefix}{f.name}"
-        if CHOICES in f.metadata and value not in f.metadata[CHOICES]:
-            raise ConfigError(f"bad value for config key '{full}': {value!r} is not one of "
-                              f"{list(f.metadata[CHOICES])}")
-        if "min" in f.metadata and value is not None:
-            lo = f.metadata["min"]
-            if value < lo or (f.metadata["min_exclusive"] and value == lo):
-                rel = ">" if f.metadata["min_exclusive"] else ">="
-                raise ConfigError(f"bad value for config key '{full}': {value!r} must be {rel} {lo}")
-        if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None) or (
-                isinstance(value, DictConfig) and dataclasses.is_dataclass(value._metadata.object_type)):
-            _check_field_rules(value, value._metadata.object_type, full + ".")
-        elif isinstance(value, DictConfig) and _section_type(value) is not None:
-            for name in value.keys():
-                _check_field_rules(value[name], _section_type(value), f"{full}.{name}.")
+    try:
+        check_fields(merged)  # every field's choices and bounds, on every merge
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}" + (f" (in {origin})" if origin else "")) from None
+    return merged
 
 
 def parse_overrides(overrides: Iterable[str], root: Path) -> Tuple[Dict[str, Tuple[str, Path]],
@@ -349,7 +333,6 @@ def load_config(path: os.PathLike | str, overrides: Sequence[str] = ()) -> DictC
             cfg[group] = node
     for origin, part in parts:  # value overrides apply after every group selection
         cfg = merge_checked(cfg, part, origin)
-    _check_field_rules(cfg, Config)
     check_data_config(cfg.data)  # what relates several data keys (shard lists, class sets, ...)
     missing = OmegaConf.missing_keys(cfg)
     if missing:

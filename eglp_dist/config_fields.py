@@ -1,11 +1,22 @@
-"""Field helpers for the structured configs, importable by every component's config module
-without importing :mod:`eglp_dist.config` (which imports them all)."""
+"""Field rules of the structured configs, declared on the dataclass field and enforced by one
+function, :func:`check_fields`, wherever a config comes into being: every merge of
+``config.merge_checked`` (files, groups, command line, model files) and the component
+checks (``data.config.check_data_config``, ``models.config.validate``) for configs built
+directly as dataclasses. Component checks keep only the rules that relate several keys.
+
+Importable by every component's config module without importing :mod:`eglp_dist.config`
+(which imports them all).
+"""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import field
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
+
+from eglp_dist.errors import ConfigError
 
 CHOICES = "choices"
+RANGE = "range"  # (lo, hi, lo_open, hi_open); None = unbounded on that side
 
 
 def choice(default: Any, options: Sequence[Any]) -> Any:
@@ -16,11 +27,79 @@ def choice(default: Any, options: Sequence[Any]) -> Any:
     return field(default=default, metadata={CHOICES: tuple(options)})
 
 
+def in_range(default: Any, lo: Optional[float] = None, hi: Optional[float] = None,
+             lo_open: bool = False, hi_open: bool = False) -> Any:
+    """A number within [lo, hi] (an end open where asked; None: no bound). ``None`` values of
+    Optional fields pass."""
+    return field(default=default, metadata={RANGE: (lo, hi, lo_open, hi_open)})
+
+
 def positive(default: Any) -> Any:
     """A number that must be > 0."""
-    return field(default=default, metadata={"min": 0, "min_exclusive": True})
+    return in_range(default, 0, None, lo_open=True)
 
 
 def non_negative(default: Any) -> Any:
     """A number that must be >= 0."""
-    return field(default=default, metadata={"min": 0, "min_exclusive": False})
+    return in_range(default, 0)
+
+
+def probability(default: float) -> Any:
+    """A number in [0, 1]."""
+    return in_range(default, 0, 1)
+
+
+def _range_text(lo, hi, lo_open, hi_open) -> str:
+    if hi is None:
+        return f"{'>' if lo_open else '>='} {lo}"
+    if lo is None:
+        return f"{'<' if hi_open else '<='} {hi}"
+    return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+
+def _value_ok(value, lo, hi, lo_open, hi_open) -> bool:
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        return False
+    return not (hi is not None and (value > hi or (hi_open and value == hi)))
+
+
+def _dataclass_of(value) -> Optional[type]:
+    """The dataclass type of a nested section: a dataclass instance or a structured DictConfig."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return type(value)
+    meta = getattr(value, "_metadata", None)
+    obj_type = getattr(meta, "object_type", None)
+    return obj_type if dataclasses.is_dataclass(obj_type) else None
+
+
+def _sections_of(value) -> Optional[type]:
+    """The dataclass of the entries of a ``Dict[str, Section]`` value (e.g. ``data.val``)."""
+    meta = getattr(value, "_metadata", None)
+    element = getattr(meta, "element_type", None)
+    if dataclasses.is_dataclass(element):
+        return element
+    if isinstance(value, dict) and value and all(dataclasses.is_dataclass(v) for v in value.values()):
+        return type(next(iter(value.values())))
+    return None
+
+
+def check_fields(cfg: Any, prefix: str = "") -> None:
+    """Every field rule (choices, ranges) of ``cfg`` and its nested sections, a dataclass
+    instance or a structured DictConfig; ConfigError names the dotted key."""
+    dc_type = _dataclass_of(cfg)
+    if dc_type is None:
+        return
+    for f in dataclasses.fields(dc_type):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if CHOICES in f.metadata and value not in f.metadata[CHOICES]:
+            raise ConfigError(f"bad value for config key '{key}': {value!r} is not one of "
+                              f"{list(f.metadata[CHOICES])}")
+        if RANGE in f.metadata and value is not None and not _value_ok(value, *f.metadata[RANGE]):
+            raise ConfigError(f"bad value for config key '{key}': {value!r} must be "
+                              f"{_range_text(*f.metadata[RANGE])}")
+        if _dataclass_of(value) is not None:
+            check_fields(value, key + ".")
+        elif _sections_of(value) is not None:
+            for name in value.keys():
+                check_fields(value[name], f"{key}.{name}.")

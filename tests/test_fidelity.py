@@ -195,3 +195,30 @@ def test_evaluation_splits_are_packed_losslessly_and_training_splits_as_jpeg(tmp
     reader = open_shards(tmp_path / "mv")
     for i, s in enumerate(m["samples"]):
         assert reader.read(i)["jpg"] == (mroot / s["source"]).read_bytes()
+
+
+# ------------------------------------------------------------------ one validation path
+
+def test_field_rules_hold_on_every_path_a_config_takes():
+    """Choices and bounds are declared on the fields and checked by one function on every
+    merge (run configs, model files) and for configs built as dataclasses."""
+    import pytest
+
+    from eglp_dist.data.config import DataConfig, check_data_config
+    from eglp_dist.errors import ConfigError
+    from eglp_dist.models.config import load_model_config, validate
+
+    with pytest.raises(ConfigError, match=r"model\.head\.embed_dim.*must be > 0"):
+        load_model_config("tiny_daformer", {"head.embed_dim": 0})  # a model file's merge
+    with pytest.raises(ConfigError, match=r"model\.spn\.prompt_prob.*in \[0, 1\]"):
+        load_config(PACKAGE_CONFIG_ROOT / "demo" / "tiny_spn.yaml", ["model.spn.prompt_prob=2"])
+    cfg = DataConfig()
+    cfg.source.flip_prob = 1.5
+    with pytest.raises(ConfigError, match=r"data\.source\.flip_prob.*in \[0, 1\]"):
+        check_data_config(cfg)  # a dataclass, never merged
+    from eglp_dist.models.config import ModelConfig
+
+    m = ModelConfig()
+    m.output_stride = 12
+    with pytest.raises(ConfigError, match=r"model\.output_stride.*not one of \[None, 8, 16, 32\]"):
+        validate(m)

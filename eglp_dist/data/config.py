@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from eglp_dist.config_fields import choice, non_negative, positive
+from eglp_dist.config_fields import check_fields, choice, in_range, non_negative, positive, probability
 from eglp_dist.data.labels import CLASS_SETS as LABEL_CLASS_SETS
 from eglp_dist.errors import ConfigError
 
@@ -35,7 +35,7 @@ class SamplingConfig:
     rcs_temperature: float = positive(0.01)  # DAFormer: P(c) = softmax((1 - f_c) / T)
     rcs_min_pixels: int = non_negative(3000)  # images with > this many pixels of c qualify
     rcs_min_crop_ratio: float = non_negative(0.5)  # re-crop (<= 10x) until > ratio * min_pixels
-    class_uniform_pct: float = non_negative(0.5)  # share of class-uniform crops (RobustNet)
+    class_uniform_pct: float = probability(0.5)  # share of class-uniform crops (RobustNet)
 
 
 @dataclass
@@ -49,8 +49,8 @@ class StreamConfig:
     img_scale: Optional[List[int]] = field(default_factory=lambda: [2048, 1024])  # (long, short)
     ratio_range: Optional[List[float]] = None  # e.g. [0.5, 2.0]; None = resize to img_scale
     crop_size: Optional[List[int]] = field(default_factory=lambda: [512, 512])  # (H, W); None = no crop
-    cat_max_ratio: float = positive(0.75)  # 1.0 disables; a crop's largest class stays below
-    flip_prob: float = non_negative(0.5)
+    cat_max_ratio: float = in_range(0.75, 0, 1, lo_open=True)  # 1.0 disables; a crop's largest class stays below
+    flip_prob: float = probability(0.5)
     with_labels: bool = True  # False for the unlabelled target (labels are never read)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
@@ -123,6 +123,7 @@ def check_eval_stream(cfg, key: str) -> None:
     def bad(name, why):
         raise ConfigError(f"{key}.{name}: {why}")
 
+    check_fields(cfg, key + ".")
     shard_folders(cfg.shards, f"{key}.shards")
     _check_img_scale(cfg, bad)
     sets = list(cfg.class_sets)
@@ -136,9 +137,8 @@ def check_stream(cfg, key: str) -> None:
     def bad(name, why):
         raise ConfigError(f"{key}.{name}: {why}")
 
+    check_fields(cfg, key + ".")
     shard_folders(cfg.shards, f"{key}.shards")
-    if cfg.batch_size < 1:
-        bad("batch_size", f"must be >= 1, got {cfg.batch_size}")
     _check_img_scale(cfg, bad)
     if cfg.ratio_range is not None and (len(cfg.ratio_range) != 2 or not
                                         0 < cfg.ratio_range[0] <= cfg.ratio_range[1]):
@@ -147,35 +147,15 @@ def check_stream(cfg, key: str) -> None:
         bad("ratio_range", "needs img_scale")
     if cfg.crop_size is not None and (len(cfg.crop_size) != 2 or min(cfg.crop_size) < 1):
         bad("crop_size", f"must be [H, W] positive, got {list(cfg.crop_size)}")
-    if not 0.0 < cfg.cat_max_ratio <= 1.0:
-        bad("cat_max_ratio", f"must be in (0, 1], got {cfg.cat_max_ratio}")
-    if not 0.0 <= cfg.flip_prob <= 1.0:
-        bad("flip_prob", f"must be in [0, 1], got {cfg.flip_prob}")
-    s = cfg.sampling
-    mode = s.mode
-    if mode not in SAMPLING:
-        bad("sampling.mode", f"must be one of {list(SAMPLING)}, got {mode!r}")
+    mode = cfg.sampling.mode
     if mode not in ("uniform", "random") and not cfg.with_labels:
         bad("sampling.mode", f"{mode} needs labels but with_labels is false")
-    if s.rcs_temperature <= 0:
-        bad("sampling.rcs_temperature", f"must be > 0, got {s.rcs_temperature}")
-    if not 0.0 <= s.class_uniform_pct <= 1.0:
-        bad("sampling.class_uniform_pct", f"must be in [0, 1], got {s.class_uniform_pct}")
 
 
 def check_data_config(cfg, key: str = "data") -> None:
-    """Validate the whole data block (the streams that are used)."""
-    if cfg.backend not in BACKENDS:
-        raise ConfigError(f"{key}.backend: must be dali or wds, got {cfg.backend!r}")
-    if cfg.decode_device not in DECODE_DEVICES:
-        raise ConfigError(f"{key}.decode_device: must be one of {list(DECODE_DEVICES)}, "
-                          f"got {cfg.decode_device!r}")
-    if cfg.num_threads < 1:
-        raise ConfigError(f"{key}.num_threads: must be >= 1, got {cfg.num_threads}")
-    if cfg.resample not in RESAMPLE:
-        raise ConfigError(f"{key}.resample: must be one of {list(RESAMPLE)}, got {cfg.resample!r}")
-    if cfg.prefetch < 1:
-        raise ConfigError(f"{key}.prefetch: must be >= 1, got {cfg.prefetch}")
+    """Validate the whole data block: every field rule (config_fields), then what relates
+    several keys, per stream."""
+    check_fields(cfg, key + ".")
     if len(cfg.mean) != 3 or len(cfg.std) != 3 or min(cfg.std) <= 0:
         raise ConfigError(f"{key}.mean/std: need 3 values each, std > 0")
     for name in TRAIN_STREAMS:

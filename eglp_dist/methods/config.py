@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from eglp_dist.config_fields import choice, non_negative, positive
+from eglp_dist.config_fields import choice, in_range, non_negative, positive, probability
 
 DAFORMER_FD_CLASSES = [6, 7, 11, 12, 13, 14, 15, 16, 17, 18]  # "things" of Cityscapes' 19
 
@@ -153,12 +153,12 @@ class DGAugConfig:
     baseline, torchvision ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.5 and Gaussian blur with
     sigma ~ U(0.15, 1.3) on every image (``datasets/__init__.py:74-81``)."""
     enabled: bool = True
-    jitter_p: float = non_negative(0.5)
+    jitter_p: float = probability(0.5)
     brightness: float = non_negative(0.4)
     contrast: float = non_negative(0.4)
     saturation: float = non_negative(0.4)
-    hue: float = non_negative(0.1)  # in turns, <= 0.5
-    blur_p: float = non_negative(1.0)
+    hue: float = in_range(0.1, 0, 0.5)  # in turns
+    blur_p: float = probability(1.0)
     blur_sigma: List[float] = field(default_factory=lambda: [0.15, 1.3])
 
 

@@ -27,11 +27,7 @@ from eglp_dist.methods.source_only import SourceOnly
 
 
 def check_dg_aug(c, key: str = "method.dg_aug") -> None:
-    for name in ("jitter_p", "blur_p"):
-        if not 0.0 <= getattr(c, name) <= 1.0:
-            raise ConfigError(f"{key}.{name}: a probability in [0, 1], got {getattr(c, name)}")
-    if c.hue > 0.5:
-        raise ConfigError(f"{key}.hue: at most 0.5 (turns), got {c.hue}")
+    """What the field rules (probabilities, hue <= 0.5 turns) cannot say: the sigma range."""
     if len(c.blur_sigma) != 2 or not 0.0 < c.blur_sigma[0] <= c.blur_sigma[1]:
         raise ConfigError(f"{key}.blur_sigma: must be [lo, hi] with 0 < lo <= hi, got {list(c.blur_sigma)}")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from eglp_dist.config_fields import choice, non_negative, positive
+from eglp_dist.config_fields import check_fields, choice, in_range, non_negative, positive, probability
 
 HEAD_TYPES = ("daformer", "deeplabv3plus")
 STAT_PROMPT_MODES = ("np", "np_plus")
@@ -34,7 +34,7 @@ class HeadConfig:
     # ASPP dilations; a 1 is the 1x1 branch. DeepLabV3+ at output stride 8 uses 1, 12, 24, 36.
     dilations: List[int] = field(default_factory=lambda: [1, 6, 12, 18])
     # Dropout2d before the classifier (mmseg ``dropout_ratio``); RobustNet's DeepLabV3+ uses 0.
-    dropout: float = non_negative(0.1)
+    dropout: float = in_range(0.1, 0, 1, hi_open=True)
     # DeepLabV3+ only: width of the stride-4 skip projection.
     low_level_channels: int = positive(48)
 
@@ -51,7 +51,7 @@ class HRDAConfig:
     """
 
     enabled: bool = False
-    context_scale: float = positive(0.5)
+    context_scale: float = in_range(0.5, 0, 1, lo_open=True, hi_open=True)
     detail_crop: List[int] = field(default_factory=lambda: [512, 512])  # (h, w) in input pixels
     crop_divisible: int = positive(8)
     # Stride of the sliding detail windows at inference; None = half the crop (HRDA's overlap).
@@ -62,7 +62,7 @@ class HRDAConfig:
     attention_classwise: bool = True  # one attention map per class (HRDA default)
     # A constant attention instead of the learned head (HRDA's ``fixed_attention``); for
     # ablations and for the identity tests.
-    fixed_attention: Optional[float] = None
+    fixed_attention: Optional[float] = probability(None)
 
 
 @dataclass
@@ -82,12 +82,12 @@ class SPNConfig:
     # Fused levels that receive the stochastic prompts (training mode only).
     prompt_levels: List[int] = field(default_factory=lambda: [0, 1])
     # Probability, drawn once per forward and per prompt kind, that a prompt is applied.
-    prompt_prob: float = non_negative(0.5)
+    prompt_prob: float = probability(0.5)
     # High-frequency prompt: a frozen conv encoder-decoder, re-drawn at random on each use.
     hf_prompt: bool = True
     hf_channels: int = positive(64)
     hf_depth: int = positive(2)
-    hf_scale: float = positive(0.8)  # resize factor per encoder step (inverted in the decoder)
+    hf_scale: float = in_range(0.8, 0, 1, lo_open=True)  # resize factor per encoder step (inverted in the decoder)
     # Feature-statistics prompt: alpha * (f - mu) + beta * mu, alpha and beta ~ N(1, std).
     stat_prompt: bool = True
     stat_mode: str = choice("np_plus", STAT_PROMPT_MODES)  # np | np_plus (beta's spread scaled per channel, as MRFP)
@@ -108,7 +108,7 @@ class ModelConfig:
     pretrained: Optional[str] = None
     drop_path_rate: float = non_negative(0.1)  # SegFormer/DAFormer use 0.1 on MiT
     # CNN encoders: output stride 8 or 16 via dilation (DeepLab); None = native (32).
-    output_stride: Optional[int] = None
+    output_stride: Optional[int] = choice(None, (None, 8, 16, 32))
     # ResNet stem: "" (one 7x7 conv) or "deep" (three 3x3 convs, 64-64-128, as ResNet-101 in
     # RobustNet/MRFP).
     stem: str = choice("", ("", "deep"))
@@ -189,18 +189,9 @@ def validate(cfg: ModelConfig) -> None:
     def bad(key: str, why: str) -> None:
         raise ConfigError(f"model.{key}: {why}")
 
-    if cfg.head.type not in HEAD_TYPES:
-        bad("head.type", f"{cfg.head.type!r} is not one of {', '.join(HEAD_TYPES)}")
+    check_fields(cfg, "model.")  # choices and bounds of single fields (config_fields)
     if not cfg.head.dilations or any(d < 1 for d in cfg.head.dilations):
         bad("head.dilations", f"must be positive integers, got {list(cfg.head.dilations)}")
-    if not 0.0 <= cfg.head.dropout < 1.0:
-        bad("head.dropout", f"must be in [0, 1), got {cfg.head.dropout}")
-    if cfg.num_classes < 1:
-        bad("num_classes", f"must be >= 1, got {cfg.num_classes}")
-    if cfg.output_stride not in (None, 8, 16, 32):
-        bad("output_stride", f"must be 8, 16, 32 or null, got {cfg.output_stride}")
-    if cfg.stem not in ("", "deep"):
-        bad("stem", f"must be '' or 'deep', got {cfg.stem!r}")
     for key in ("test_window", "test_stride"):
         value = getattr(cfg, key)
         if value is not None and (len(value) != 2 or min(value) < 1):
@@ -211,19 +202,13 @@ def validate(cfg: ModelConfig) -> None:
         bad("spn.enabled", "HRDA and SPN cannot be combined")
     h = cfg.hrda
     if h.enabled:
-        if not 0.0 < h.context_scale < 1.0:
-            bad("hrda.context_scale", f"must be in (0, 1), got {h.context_scale}")
         if len(h.detail_crop) != 2 or min(h.detail_crop) < 1:
             bad("hrda.detail_crop", f"must be [h, w], got {list(h.detail_crop)}")
-        if h.crop_divisible < 1:
-            bad("hrda.crop_divisible", f"must be >= 1, got {h.crop_divisible}")
         if h.crop_divisible % 4:
             # The detail box must land on whole pixels of the stride-4 logits.
             bad("hrda.crop_divisible", f"must be a multiple of 4 (the logits' stride), got {h.crop_divisible}")
         if h.detail_stride is not None and (len(h.detail_stride) != 2 or min(h.detail_stride) < 1):
             bad("hrda.detail_stride", f"must be [h, w] or null, got {list(h.detail_stride)}")
-        if h.fixed_attention is not None and not 0.0 <= h.fixed_attention <= 1.0:
-            bad("hrda.fixed_attention", f"must be in [0, 1], got {h.fixed_attention}")
         if not 0.0 <= h.hr_loss_weight + h.lr_loss_weight <= 1.0:
             bad("hrda.hr_loss_weight", "hr_loss_weight + lr_loss_weight must be in [0, 1]")
     s = cfg.spn
@@ -234,9 +219,4 @@ def validate(cfg: ModelConfig) -> None:
             levels = getattr(s, key)
             if any(not 0 <= lvl <= 3 for lvl in levels):
                 bad(f"spn.{key}", f"levels are 0..3, got {list(levels)}")
-        if not 0.0 <= s.prompt_prob <= 1.0:
-            bad("spn.prompt_prob", f"must be in [0, 1], got {s.prompt_prob}")
-        if s.stat_mode not in STAT_PROMPT_MODES:
-            bad("spn.stat_mode", f"{s.stat_mode!r} is not one of {', '.join(STAT_PROMPT_MODES)}")
-        if not 0.0 < s.hf_scale <= 1.0:
-            bad("spn.hf_scale", f"must be in (0, 1], got {s.hf_scale}")
+
