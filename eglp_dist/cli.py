@@ -21,7 +21,7 @@ HANDLERS: Dict[str, str] = {
     "score": "eglp_dist.score:score_cli",
     "pack": "eglp_dist.data.pack:run_cli",
     "synth": "eglp_dist.data.synth:run_cli",
-    "convert-mit": "eglp_dist.models.convert:run_cli",
+    "convert-mit": "eglp_dist.models.convert_mit:run_cli",
     "bench": "eglp_dist.bench:run_cli",
     "ablate": "eglp_dist.bench:ablate_cli",
     "demo": "eglp_dist.demo:run_cli",

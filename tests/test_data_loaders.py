@@ -14,7 +14,7 @@ from eglp_dist.data.pack import pack
 from eglp_dist.data.shards import eval_range
 from eglp_dist.errors import ConfigError, DataError
 
-BACKENDS = ["wds", "dali"]
+BACKENDS = ["pil", "dali"]
 LEVEL = 1.0 / 57.12  # one grey level after normalisation (smallest std)
 
 
@@ -32,7 +32,7 @@ def shards(tmp_path_factory):
     return out
 
 
-def make_cfg(shards, backend="wds", **source):
+def make_cfg(shards, backend="pil", **source):
     cfg = DataConfig(backend=backend, num_threads=2, prefetch=2, seed=0)
     for name in ("source", "target", "prompt"):
         s = getattr(cfg, name)
@@ -82,7 +82,7 @@ def test_dali_and_wds_give_the_same_training_batches(shards, augment):
     kw = {} if augment else dict(ratio_range=None, flip_prob=0.0, cat_max_ratio=1.0)
     got = {be: take(build_train_stream(make_cfg(shards, be, **kw).source, make_cfg(shards, be, **kw),
                                        0, 1, seed=4), 3) for be in BACKENDS}
-    for a, b in zip(got["wds"], got["dali"]):
+    for a, b in zip(got["pil"], got["dali"]):
         assert torch.equal(a["seg"], b["seg"])  # same label tensor
         assert a["meta"] == b["meta"]
         assert_same_pixels(a["img"], b["img"])
@@ -91,8 +91,8 @@ def test_dali_and_wds_give_the_same_training_batches(shards, augment):
 def test_dali_and_wds_give_the_same_evaluation_samples(shards):
     cfg = {be: make_cfg(shards, be) for be in BACKENDS}
     got = {be: list(build_eval_loader(cfg[be].val["val"], cfg[be], 0, 1)) for be in BACKENDS}
-    assert len(got["wds"]) == len(got["dali"]) == 7
-    for a, b in zip(got["wds"], got["dali"]):
+    assert len(got["pil"]) == len(got["dali"]) == 7
+    for a, b in zip(got["pil"], got["dali"]):
         assert a["meta"] == b["meta"]
         assert torch.equal(a["seg"], b["seg"]) and a["seg"].shape == (1, 64, 128)  # original size
         assert a["img"].shape == b["img"].shape == (1, 3, 32, 64)  # resized to img_scale

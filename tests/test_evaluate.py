@@ -46,7 +46,7 @@ defaults:
 dist:
   backend: gloo
 data:
-  backend: wds
+  backend: pil
   num_threads: 1
   val: {{cs: {{shards: {shards['cs_val']}, img_scale: [96, 48]}}}}
   test: {{shards: {shards['cs_test']}, img_scale: [96, 48]}}

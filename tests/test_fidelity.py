@@ -141,7 +141,7 @@ def test_resampling_is_mmcvs_cv2_inter_linear_and_inter_nearest_by_default():
 
     from eglp_dist.data.augment import crop_label
     from eglp_dist.data.config import DataConfig
-    from eglp_dist.data.wds import resample
+    from eglp_dist.data.pil import resample
 
     assert DataConfig().resample == "mmcv"
     rng = np.random.default_rng(0)
@@ -222,3 +222,75 @@ def test_field_rules_hold_on_every_path_a_config_takes():
     m.output_stride = 12
     with pytest.raises(ConfigError, match=r"model\.output_stride.*not one of \[None, 8, 16, 32\]"):
         validate(m)
+
+
+# ------------------------------------------------------------------ house hygiene
+
+def _eglp_imports():
+    """eglp_dist module -> the eglp_dist modules it imports, at module level or inside functions."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "eglp_dist"
+    mods = {}
+    for p in root.rglob("*.py"):
+        parts = p.relative_to(root.parent).with_suffix("").parts
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    graph = {}
+    for name, p in mods.items():
+        deps = set()
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("eglp_dist"):
+                deps |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in mods else node.module
+                         for a in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("eglp_dist")}
+        graph[name] = {d for d in deps if d in mods and d != name}
+    return graph
+
+
+def test_no_import_cycles_between_eglp_dist_modules():
+    graph = _eglp_imports()
+    cycles = []
+    for start in graph:  # a path back to the start = a cycle through it
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph[node]:
+                if nxt == start:
+                    cycles.append(path)
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, path + [nxt]))
+    assert not cycles, cycles[:3]
+    # the back-ends share their planning pieces through their own module, not the facade
+    assert "eglp_dist.data.loader" not in graph["eglp_dist.data.pil"] | graph["eglp_dist.data.dali"]
+    assert "eglp_dist.config" not in graph["eglp_dist.models.config"]
+
+
+def test_the_pil_backend_is_named_for_what_it_is_and_its_old_name_still_works():
+    import warnings
+
+    import pytest
+
+    from eglp_dist.data.config import DataConfig, backend_of
+
+    assert DataConfig().backend == "pil"
+    with pytest.warns(FutureWarning, match="data.backend=pil"):
+        assert backend_of(DataConfig(backend="wds")) == "pil"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backend_of(DataConfig(backend="dali")) == "dali"
+
+
+def test_synthetic_scenes_content_rendering_and_files_live_apart():
+    from eglp_dist.data import codecs, synth, synth_render, synth_scene
+
+    graph = _eglp_imports()
+    assert "eglp_dist.data.synth_render" not in graph["eglp_dist.data.synth_scene"]  # content knows no pixels
+    assert "eglp_dist.data.synth" not in graph["eglp_dist.data.synth_render"]
+    assert not hasattr(synth, "png16_rgb") and hasattr(codecs, "encode_png16_rgb")
+    rgb = np.zeros((4, 5, 3), np.uint16)
+    rgb[..., 0] = np.arange(20).reshape(4, 5) * 1000
+    assert np.array_equal(codecs.decode_png16(codecs.encode_png16_rgb(rgb), "x.png"), rgb)  # lossless, 16 bits
+    assert synth_render.STYLES == synth.STYLES and synth_scene.MIN_SIZE == synth.MIN_SIZE

@@ -9,7 +9,8 @@ from eglp_dist.cli import main as cli_main
 from eglp_dist.errors import UserError
 from eglp_dist.models import build_segmentor, load_model_config
 from eglp_dist.models.backbones import create_encoder, load_encoder_weights
-from eglp_dist.models.convert import convert_mit, infer_mit_variant, to_timm_layout
+from eglp_dist.models.convert import infer_mit_variant, to_timm_layout
+from eglp_dist.models.convert_mit import convert_mit
 
 
 def segformer_layout(timm_sd, num_classes=1000):

@@ -9,7 +9,7 @@
     of the whole image (bilinear) and label (nearest), RandomCrop with cat_max_ratio,
     RandomFlip, Normalize, Pad, to tensors. Written here with PIL + numpy, as HRDA would
     with ``imdecode_backend='pillow'``.
-(b) ``wds``: our TrainStream, CPU backend (shards, PIL threads).
+(b) ``pil``: our TrainStream, PIL back-end (shards, PIL threads).
 (c) ``dali``: our TrainStream, DALI backend (``mixed`` decode on a GPU, ``cpu`` here).
 
 Each loader runs in its own subprocess (no shared warm caches or threads); after warm-up
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-LOADERS = ("folder", "wds", "dali")
+LOADERS = ("folder", "pil", "dali")
 if (Path(__file__).resolve().parents[1] / "eglp_dist").is_dir():  # run from a checkout, uninstalled
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -189,7 +189,7 @@ def prepare(args) -> None:
 
 def table(results, args) -> str:
     base = next((r for r in results if r["loader"] == "folder"), None)
-    names = {"folder": "(a) DataLoader, PNG folders, PIL", "wds": "(b) eglp wds (shards, PIL threads)",
+    names = {"folder": "(a) DataLoader, PNG folders, PIL", "pil": "(b) eglp pil (shards, PIL threads)",
              "dali": "(c) eglp DALI (cpu decode)"}
     lines = [f"{args.n} synthetic Cityscapes images {args.size[0]}x{args.size[1]}, "
              f"img_scale {tuple(args.img_scale)}, ratio {tuple(args.ratio_range)}, crop "

@@ -8,7 +8,9 @@ one-sample CPU DALI pipeline (DALI is a hard dependency anyway).
 from __future__ import annotations
 
 import io
+import struct
 import threading
+import zlib
 from pathlib import Path
 from typing import Union
 
@@ -123,3 +125,17 @@ def encode_jpeg(im: Image.Image, quality: int) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+def encode_png16_rgb(arr: np.ndarray) -> bytes:
+    """Encode uint16 [H, W, 3] as a 16-bit RGB PNG (Synthia's label format; PIL cannot)."""
+    h, w, _ = arr.shape
+    raw = np.zeros((h, 1 + w * 6), np.uint8)  # filter byte 0 per row
+    raw[:, 1:] = arr.astype(">u2").view(np.uint8).reshape(h, w * 6)
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(
+            ">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw.tobytes(), 1)) + chunk(b"IEND", b""))

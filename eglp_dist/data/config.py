@@ -12,6 +12,7 @@ and bounds use ``config_fields`` so ``load_config`` rejects bad values naming th
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -20,7 +21,9 @@ from eglp_dist.data.labels import CLASS_SETS as LABEL_CLASS_SETS
 from eglp_dist.errors import ConfigError
 
 
-BACKENDS = ("dali", "wds")  # DALI decode/resize/normalise | PIL + numpy threads (+ webdataset)
+# dali: DALI decodes/resizes/normalises (nvJPEG on a GPU) | pil: PIL decode threads on the CPU
+# (webdataset reads evaluation shards). "wds" is pil's old name, accepted with a warning.
+BACKENDS = ("dali", "pil", "wds")
 SAMPLING = ("uniform", "random", "rcs", "class_uniform")
 DECODE_DEVICES = ("auto", "cpu", "mixed")  # auto: 'mixed' (nvJPEG) when CUDA is in use, else cpu
 RESAMPLE = ("mmcv", "antialias")  # see data/augment.py
@@ -75,7 +78,7 @@ class EvalStreamConfig:
 
 @dataclass
 class DataConfig:
-    backend: str = choice("wds", BACKENDS)
+    backend: str = choice("pil", BACKENDS)
     source: StreamConfig = field(default_factory=StreamConfig)
     target: StreamConfig = field(default_factory=lambda: StreamConfig(with_labels=False))
     prompt: StreamConfig = field(default_factory=StreamConfig)
@@ -95,6 +98,16 @@ class DataConfig:
 
 
 TRAIN_STREAMS = ("source", "target", "prompt")
+
+
+def backend_of(cfg) -> str:
+    """``data.backend``, with the old name ``wds`` read as ``pil`` (and said once)."""
+    if cfg.backend == "wds":
+        warnings.warn("data.backend=wds is now called data.backend=pil (PIL decode threads; "
+                      "webdataset only reads evaluation shards); please rename it", FutureWarning,
+                      stacklevel=3)
+        return "pil"
+    return cfg.backend
 
 
 def shard_folders(value, key: str) -> List[str]:

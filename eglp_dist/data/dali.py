@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from eglp_dist.data.loader import Prefetcher, SampleSource, collate_segs
+from eglp_dist.data.planning import Prefetcher, SampleSource, collate_segs
 from eglp_dist.data.shards import SEG_EXT
 from eglp_dist.errors import ConfigError, DataError
 

@@ -22,36 +22,15 @@ per batch (reduce the confusion matrix once at the end).
 from __future__ import annotations
 
 import warnings
-import zlib
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, Optional, Sequence
+from typing import Iterator, Optional
 
-import numpy as np
 import torch
 
-from eglp_dist.data.augment import Augmenter, Geometry
-from eglp_dist.data.codecs import BadSample, decode_seg
-from eglp_dist.data.config import check_data_config, check_eval_stream, check_stream, shard_folders
-from eglp_dist.data.sampling import Pick, build_sampler, min_class_pixels
-from eglp_dist.data.shards import SEG_EXT, eval_range, image_ext, open_shards
-from eglp_dist.errors import ConfigError, DataError
-
-
-@dataclass
-class Planned:
-    """One training sample, decided but not decoded: image bytes + geometry + label crop."""
-
-    image: bytes
-    geom: Geometry
-    seg: Optional[np.ndarray]  # uint8 [pad_hw], flipped and padded (None if unlabelled)
-    meta: dict
-    origin: str  # '<shard>:<key>.<ext>' of the image, named by decode errors
-
-
-def stream_salt(name: str) -> int:
-    """A per-stream constant mixed into every seed, so source and target draw differently."""
-    return zlib.crc32(name.encode())
+from eglp_dist.data import dali, pil
+from eglp_dist.data.config import backend_of, check_data_config, check_eval_stream, check_stream
+from eglp_dist.data.planning import SampleSource, open_stream_shards
+from eglp_dist.data.shards import SEG_EXT, eval_range
+from eglp_dist.errors import ConfigError
 
 
 def _stream_name(stream_cfg, data_cfg) -> str:
@@ -63,111 +42,6 @@ def _stream_name(stream_cfg, data_cfg) -> str:
         if target is stream_cfg:
             return f"val.{name}"
     return str(stream_cfg.shards)
-
-
-def open_stream_shards(name: str, stream_cfg):
-    """A stream's shard folders opened and validated (``shards.open_shards``)."""
-    folders = shard_folders(stream_cfg.shards, f"data.{name}.shards")
-    if not folders:
-        raise ConfigError(f"data.{name}.shards: no shard folder set for stream {name!r}")
-    return open_shards(folders)
-
-
-class SampleSource:
-    """Decides training sample (step, slot) of one rank: pick, read, label crop, geometry."""
-
-    def __init__(self, name: str, stream_cfg, rank: int, world_size: int, seed: int,
-                 resample: str = "mmcv"):
-        self.reader = open_stream_shards(name, stream_cfg)
-        self.manifest = self.reader.manifest
-        self.with_labels = bool(stream_cfg.with_labels)
-        if self.with_labels and not self.manifest.labelled:
-            raise ConfigError(f"data.{name}.with_labels: {stream_cfg.shards} has no labels "
-                              f"(packed from an unlabelled split); set with_labels=false")
-        if self.with_labels:
-            self.reader.require(SEG_EXT)
-        self.name, self.rank, self.seed, self.salt = name, rank, seed, stream_salt(name)
-        self.batch_size = int(stream_cfg.batch_size)
-        self.sampler = build_sampler(stream_cfg.sampling, self.manifest.data, self.batch_size,
-                                     rank, world_size, seed, self.salt)
-        self.augment = Augmenter(stream_cfg, min_class_pixels(stream_cfg.sampling), resample)
-        self.resample = resample
-
-    def rng(self, step: int, slot: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.salt, self.rank, step, slot])
-
-    def plan(self, step: int, slot: int) -> Planned:
-        rng = self.rng(step, slot)
-        pick: Pick = self.sampler.pick(step, slot, rng)
-        comps = self.reader.read(pick.index)
-        info = self.manifest.sample(pick.index)
-        label = None
-        origin = self.reader.origin(pick.index)
-        if self.with_labels:
-            try:
-                label = decode_seg(comps[SEG_EXT], f"{origin}.{SEG_EXT}")
-            except BadSample as exc:
-                raise DataError(str(exc)) from None
-        w, h = info["size"]
-        geom, seg = self.augment.draw(rng, (h, w), label, pick)
-        meta = {"key": info["key"], "source": info["source"], "index": pick.index,
-                "dataset": info.get("dataset", self.manifest.data["dataset"]),
-                "split": info.get("split", self.manifest.data["split"]),
-                "ori_shape": [h, w], "step": step, **geom.to_meta()}
-        if pick.cls >= 0:
-            meta["sampled_class"] = pick.cls
-        ext = image_ext(comps)
-        return Planned(comps[ext], geom, seg, meta, f"{origin}.{ext}")
-
-
-class Prefetcher:
-    """Runs ``fn(step, slot)`` for the next ``depth`` steps in a thread pool; ``get(step)``
-    must be called with consecutive steps. Results do not depend on timing (pure functions)."""
-
-    def __init__(self, fn: Callable[[int, int], object], batch_size: int, start: int, depth: int,
-                 threads: int):
-        self.fn, self.b, self.depth = fn, batch_size, depth
-        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="eglp-data")
-        self.futures: Dict[int, list] = {}
-        self.next_submit = start
-
-    def get(self, step: int) -> list:
-        while self.next_submit <= step + self.depth:
-            s = self.next_submit
-            self.futures[s] = [self.pool.submit(self.fn, s, i) for i in range(self.b)]
-            self.next_submit += 1
-        return [f.result() for f in self.futures.pop(step)]
-
-    def close(self) -> None:
-        for futs in self.futures.values():
-            for f in futs:
-                f.cancel()
-        self.futures.clear()
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-def normalise_into(out: torch.Tensor, images: Sequence[np.ndarray], mean, std) -> torch.Tensor:
-    """uint8 HWC arrays -> ``out`` [B,3,H,W] (zeros = padding), normalised on out's device."""
-    m = torch.tensor(mean, dtype=torch.float32, device=out.device).view(3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=out.device).view(3, 1, 1)
-    for i, a in enumerate(images):
-        t = torch.from_numpy(np.ascontiguousarray(a)).to(out.device, non_blocking=True)
-        t = t.permute(2, 0, 1).float().sub_(m).div_(s)
-        out[i, :, : t.shape[1], : t.shape[2]] = t
-    return out
-
-
-def collate_segs(segs: Sequence[np.ndarray], hw, device) -> torch.Tensor:
-    """uint8 label crops -> int64 [B,H,W] on device, padded with 255 to ``hw``."""
-    out = np.full((len(segs),) + tuple(hw), 255, np.uint8)
-    for i, s in enumerate(segs):
-        out[i, : s.shape[0], : s.shape[1]] = s
-    return torch.from_numpy(out).to(device, non_blocking=True).long()
-
-
-def batch_hw(geoms: Sequence[Geometry]) -> tuple:
-    """Common size of a batch: the crop size, or the largest sample when not cropping."""
-    return (max(g.pad_hw[0] for g in geoms), max(g.pad_hw[1] for g in geoms))
 
 
 class TrainStream:
@@ -185,7 +59,7 @@ class TrainStream:
         self.device = torch.device(device)
         self.stream_cfg, self.data_cfg = stream_cfg, data_cfg
         self.source = SampleSource(name, stream_cfg, rank, world_size, seed, data_cfg.resample)
-        self.backend = data_cfg.backend
+        self.backend = backend_of(data_cfg)
         self.step = 0
         self._producer = None
 
@@ -201,11 +75,8 @@ class TrainStream:
         return batch
 
     def _make_producer(self, start: int):
-        if self.backend == "dali":
-            from eglp_dist.data.dali import DaliTrainProducer
-            return DaliTrainProducer(self.source, self.data_cfg, start, self.device)
-        from eglp_dist.data.wds import PilTrainProducer
-        return PilTrainProducer(self.source, self.data_cfg, start, self.device)
+        producer = dali.DaliTrainProducer if self.backend == "dali" else pil.PilTrainProducer
+        return producer(self.source, self.data_cfg, start, self.device)
 
     @property
     def num_samples(self) -> int:
@@ -281,7 +152,7 @@ class EvalLoader:
         self.img_scale = list(stream_cfg.img_scale) if stream_cfg.img_scale is not None else None
         self.class_sets = list(stream_cfg.class_sets)  # which mIoUs the evaluation reports
         self.data_cfg, self.device = data_cfg, torch.device(device)
-        self.backend = data_cfg.backend
+        self.backend = backend_of(data_cfg)
         self.resample = data_cfg.resample
 
     def __len__(self) -> int:
@@ -290,11 +161,7 @@ class EvalLoader:
     def __iter__(self) -> Iterator[dict]:
         if not len(self.indices):
             return iter(())
-        if self.backend == "dali":
-            from eglp_dist.data.dali import iter_eval_dali
-            return iter_eval_dali(self)
-        from eglp_dist.data.wds import iter_eval_wds
-        return iter_eval_wds(self)
+        return dali.iter_eval_dali(self) if self.backend == "dali" else pil.iter_eval_pil(self)
 
     def meta(self, index: int, json_meta: dict, img_hw) -> dict:
         w, h = json_meta["size"]

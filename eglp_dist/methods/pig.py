@@ -34,7 +34,7 @@ from eglp_dist.models import build_segmentor
 def derived_node(base, overrides, key: str):
     """A config node of the student (``optim``, ``model``, ...) with a second network's
     overrides merged on top, checked like any config (unknown keys named by ``key``)."""
-    from eglp_dist.config import merge_checked
+    from eglp_dist.config_merge import merge_checked
 
     if not overrides:
         return base

@@ -139,15 +139,15 @@ def as_model_config(cfg: Any) -> ModelConfig:
     """
     from omegaconf import DictConfig, OmegaConf
 
-    from eglp_dist.config import Config, merge_checked
+    from eglp_dist.config_merge import merge_checked
 
     if isinstance(cfg, ModelConfig):
         out = cfg
     else:
         if isinstance(cfg, DictConfig):
             cfg = OmegaConf.to_container(cfg, resolve=True)
-        node = merge_checked(OmegaConf.structured(Config), OmegaConf.create({"model": cfg or {}}), "")
-        out = OmegaConf.to_object(node.model)
+        node = merge_checked(OmegaConf.structured(ModelConfig), OmegaConf.create(cfg or {}), "", "model.")
+        out = OmegaConf.to_object(node)
     validate(out)
     return out
 
@@ -164,7 +164,7 @@ def load_model_config(name_or_path: str, overrides: Optional[Dict[str, Any]] = N
 
     from omegaconf import OmegaConf
 
-    from eglp_dist.config import PACKAGE_CONFIG_ROOT, Config, compose_file, merge_checked
+    from eglp_dist.config_merge import PACKAGE_CONFIG_ROOT, compose_file, merge_checked
     from eglp_dist.errors import ConfigError
 
     path = Path(name_or_path)
@@ -172,12 +172,12 @@ def load_model_config(name_or_path: str, overrides: Optional[Dict[str, Any]] = N
         path = PACKAGE_CONFIG_ROOT / "model" / f"{name_or_path}.yaml"
     if not path.is_file():
         raise ConfigError(f"model config {name_or_path!r}: no such file ({path})")
-    node = merge_checked(OmegaConf.structured(Config), OmegaConf.create({"model": compose_file(path)}), str(path))
+    node = merge_checked(OmegaConf.structured(ModelConfig), compose_file(path), str(path), "model.")
     for key, value in (overrides or {}).items():
         part = OmegaConf.create({})
-        OmegaConf.update(part, f"model.{key}", value, merge=False)
-        node = merge_checked(node, part, f"override {key}={value!r}")
-    cfg = OmegaConf.to_object(node.model)
+        OmegaConf.update(part, key, value, merge=False)
+        node = merge_checked(node, part, f"override {key}={value!r}", "model.")
+    cfg = OmegaConf.to_object(node)
     validate(cfg)
     return cfg
 

@@ -13,18 +13,17 @@ The key mapping is timm's own ``pvt_v2.checkpoint_filter_fn`` (used, not rewritt
 module adds what a user needs around it: picking the encoder out of whole-segmentor
 checkpoints (``backbone.`` prefixes; reading the file and unwrapping ``state_dict``/``model``
 containers and ``module.`` prefixes is ``eglp_dist.weights``', shared with ``eglp eval``),
-telling the layouts apart, inferring the MiT variant from tensor shapes, and ``eglp convert-mit``.
+telling the layouts apart and inferring the MiT variant from tensor shapes (``eglp
+convert-mit`` is ``models/convert_mit.py``).
 Loading (``backbones.load_encoder_weights``) accepts either layout directly; converting
 once just makes the file loadable by plain timm as well.
 """
 from __future__ import annotations
 
-import os
 import re
-from typing import Any, Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 
-from eglp_dist.atomic import torch_save_atomic
 from eglp_dist.errors import UserError
 from eglp_dist.weights import StateDict, read_weight_file
 
@@ -115,37 +114,3 @@ def infer_mit_variant(sd: StateDict, path: str = "<state dict>") -> str:
             return name
     raise UserError(f"{path}: widths {widths} and depths {tuple(depths)} match no MiT variant "
                     f"({', '.join(MIT_VARIANTS)})")
-
-
-def convert_mit(src: str, dst: str, variant: Optional[str] = None) -> Dict[str, Any]:
-    """Convert ``src`` (either layout) to a timm-layout ``dst`` after a strict load check.
-
-    Returns a summary (variant, layout, number of tensors and parameters).
-    """
-    from eglp_dist.models.backbones import create_encoder
-
-    sd = read_state_dict(src)
-    layout = detect_layout(sd)
-    timm_sd, origins = to_timm_layout(sd)
-    inferred = infer_mit_variant(timm_sd, src)
-    name = variant or inferred
-    encoder = create_encoder(name)
-    encoder.load_timm_state_dict(timm_sd, source=src, origins=origins)  # strict
-    torch_save_atomic(timm_sd, dst)
-    return {
-        "variant": name,
-        "inferred": inferred,
-        "layout": layout,
-        "tensors": len(timm_sd),
-        "params": sum(v.numel() for k, v in timm_sd.items() if not k.endswith("num_batches_tracked")),
-    }
-
-
-def run_cli(args) -> int:
-    """``eglp convert-mit SRC DST [--variant NAME]``."""
-    if os.path.abspath(args.src) == os.path.abspath(args.dst):
-        raise UserError(f"{args.dst}: destination must differ from the source")
-    info = convert_mit(args.src, args.dst, args.variant)
-    print(f"{args.src} ({info['layout']} layout, {info['variant']}) -> {args.dst}: "
-          f"{info['tensors']} tensors, {info['params'] / 1e6:.2f}M parameters, loads strictly")
-    return 0

@@ -1,5 +1,5 @@
-"""The CPU backend: PIL decoding and resampling in threads; evaluation streamed with the
-webdataset library.
+"""The ``pil`` back-end: PIL decoding and resampling in threads (training and evaluation);
+evaluation reads its shards sequentially with the webdataset library.
 
 Training samples come from ``loader.SampleSource`` (sampler + random access by .idx offset),
 so this module only turns a planned sample into pixels: decode, resample the planned box to
@@ -22,7 +22,7 @@ from PIL import Image
 
 from eglp_dist.data.augment import eval_geometry, resample_box
 from eglp_dist.data.codecs import BadSample, decode_seg, load_rgb
-from eglp_dist.data.loader import Prefetcher, SampleSource, batch_hw, collate_segs, normalise_into
+from eglp_dist.data.planning import Prefetcher, SampleSource, batch_hw, collate_segs, normalise_into
 from eglp_dist.data.shards import SEG_EXT, image_ext
 from eglp_dist.errors import DataError
 
@@ -74,7 +74,7 @@ class PilTrainProducer:
         self.prefetch.close()
 
 
-def iter_eval_wds(loader) -> Iterator[dict]:
+def iter_eval_pil(loader) -> Iterator[dict]:
     """This rank's evaluation samples, streamed with the webdataset library."""
     import webdataset as wds
 
