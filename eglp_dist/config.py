@@ -82,6 +82,15 @@ class ScheduleConfig:
 
 
 @dataclass
+class GuardConfig:
+    """The loop's control point (control.py): preemption signals and bad steps."""
+    # each makes every rank stop at the same step boundary after a checkpoint (exit 75)
+    stop_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    max_bad_steps: int = positive(5)  # non-finite steps in a row that stop the run
+    inject_nan_steps: List[int] = field(default_factory=list)  # tests: NaN loss on rank 0 at these iterations
+
+
+@dataclass
 class TrainerConfig:
     max_iters: int = positive(40000)
     log_interval: int = positive(50)
@@ -90,6 +99,7 @@ class TrainerConfig:
     keep_last: int = positive(3)
     image_interval: int = positive(1000)  # picture grids to TensorBoard every K iterations
     resume: str = "auto"  # auto | never | path to a checkpoint folder
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
 
 @dataclass

@@ -31,7 +31,8 @@ ATTEMPTS = "attempts"
 # then computed from the new length, from the resumed step on).
 RESULT_NEUTRAL = ("run.out_dir", "trainer.max_iters", "trainer.log_interval", "trainer.eval_interval",
                   "trainer.ckpt_interval", "trainer.keep_last", "trainer.image_interval",
-                  "trainer.resume", "dist", "data.num_threads", "data.prefetch", "data.val",
+                  "trainer.resume", "trainer.guard.stop_signals", "trainer.guard.max_bad_steps", "dist",
+                  "data.num_threads", "data.prefetch", "data.val",
                   "data.test")
 
 

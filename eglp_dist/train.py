@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import random
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from eglp_dist.config import load_config, resolved_yaml, to_plain
+from eglp_dist.control import EXIT_PREEMPTED, ControlPoint, StopRequested, TooManyBadSteps
 from eglp_dist.data.loader import build_eval_loader, build_train_stream
 from eglp_dist.dist import comm
 from eglp_dist.dist.checkpoint import (find_latest, load_checkpoint, read_run_state, resolve_checkpoint,
@@ -118,6 +120,7 @@ def _train_locked(cfg, env, device, method, streams, val_loaders, run_dir: Path)
         record_attempt(run_dir, resolved_yaml(cfg))
     comm.barrier()
 
+    control = ControlPoint(t.guard, device)
     start = 0
     if resume_from is not None:
         state, rank_state = load_checkpoint(resume_from, method.engines, method.modules)
@@ -125,6 +128,15 @@ def _train_locked(cfg, env, device, method, streams, val_loaders, run_dir: Path)
         for name, stream in streams.items():
             stream.load_state_dict(rank_state["streams"][name])
         method.load_state_dict(rank_state["method"])
+        control.load_state_dict(rank_state.get("control", {}))
+
+    def save(it: int) -> Path:
+        method.sync_buffers()  # one model on every rank (see Engine.sync_buffers)
+        return save_checkpoint(ckpt_root, it, method.engines, method.modules,
+                               {"method": cfg.method.name, "config": to_plain(cfg)},
+                               {"streams": {n: s.state_dict() for n, s in streams.items()},
+                                "method": method.state_dict(), "control": control.state_dict()},
+                               keep_last=t.keep_last)
 
     images_per_iter = sum(s.batch_size for s in streams.values())
     monitor = Monitor(run_dir, env.is_main, start, t.max_iters, images_per_iter)
@@ -137,28 +149,44 @@ def _train_locked(cfg, env, device, method, streams, val_loaders, run_dir: Path)
     last_eval: Dict[str, Any] = {}
     for engine in method.engines.values():
         engine.train()
-    for it in range(start + 1, t.max_iters + 1):  # `it` iterations done after this one
-        batches = {name: next(stream) for name, stream in streams.items()}
-        monitor.accumulate(method.step(batches, it - 1))
-        if should(it, t.log_interval, t.max_iters):
-            monitor.flush(it, {f"lr/{k}": v for k, v in method.lrs().items()})
-        if it % t.image_interval == 0:
-            monitor.images(it, method.visuals(), cfg.data.mean, cfg.data.std)
-        evaluate_now = bool(val_loaders) and should(it, t.eval_interval, t.max_iters)
-        save_now = should(it, t.ckpt_interval, t.max_iters)
-        if evaluate_now or save_now:
-            method.sync_buffers()  # one model on every rank (see Engine.sync_buffers)
-        if save_now:  # before evaluating: an evaluation that fails must not cost the checkpoint
-            save_checkpoint(ckpt_root, it, method.engines, method.modules,
-                            {"method": cfg.method.name, "config": to_plain(cfg)},
-                            {"streams": {n: s.state_dict() for n, s in streams.items()},
-                             "method": method.state_dict()},
-                            keep_last=t.keep_last)
-        if evaluate_now:
-            last_eval = run_evaluation(method, val_loaders, cfg, device, monitor, run_dir, it)
-    for stream in streams.values():
-        stream.close()
-    monitor.close()
+    try:
+        with control:  # stop signals are caught from here on, and acted on below
+            for it in range(start + 1, t.max_iters + 1):  # `it` iterations done after this one
+                batches = {name: next(stream) for name, stream in streams.items()}
+                if env.is_main and control.nan_injected(it):
+                    method.student.poison_next_backward = True
+                logs = method.step(batches, it - 1)
+                # the control point: one flag reduction, the same decision on every rank
+                decision = control.after_step(any(e.last_step_skipped for e in method.engines.values()))
+                if decision.skipped:
+                    monitor.write(f"iter {it}: non-finite loss or gradients, optimizer step skipped "
+                                  f"({control.bad_in_a_row} in a row, {control.bad_total} in all)")
+                logs["guard.skipped_steps"] = torch.tensor(float(control.bad_total))
+                monitor.accumulate(logs)
+                if decision.too_many_bad:
+                    path = save(it)  # the weights of the last good step (skipped steps changed none)
+                    raise TooManyBadSteps(
+                        f"{control.bad_in_a_row} non-finite steps in a row (trainer.guard.max_bad_steps="
+                        f"{t.guard.max_bad_steps}) at iteration {it}; the last good weights are in {path}")
+                if should(it, t.log_interval, t.max_iters):
+                    monitor.flush(it, {f"lr/{k}": v for k, v in method.lrs().items()})
+                if it % t.image_interval == 0:
+                    monitor.images(it, method.visuals(), cfg.data.mean, cfg.data.std)
+                evaluate_now = bool(val_loaders) and should(it, t.eval_interval, t.max_iters)
+                save_now = should(it, t.ckpt_interval, t.max_iters) or decision.stop is not None
+                # before evaluating: an evaluation that fails must not cost the checkpoint
+                path = save(it) if save_now else None
+                if decision.stop is not None:
+                    monitor.write(f"iter {it}: {decision.stop} received; checkpoint {path} written, stopping")
+                    raise StopRequested(decision.stop, it, path)
+                if evaluate_now:
+                    if not save_now:
+                        method.sync_buffers()
+                    last_eval = run_evaluation(method, val_loaders, cfg, device, monitor, run_dir, it)
+    finally:
+        for stream in streams.values():
+            stream.close()
+        monitor.close()
     return last_eval
 
 
@@ -184,9 +212,20 @@ def run_evaluation(method, loaders, cfg, device, monitor: Monitor, run_dir: Path
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    """``eglp train``: 0 when the run is complete; :data:`control.EXIT_PREEMPTED` (75) when
+    every rank stopped on a stop signal after a checkpoint (requeue and resume); 1 after too
+    many non-finite steps in a row (the last good weights checkpointed)."""
     cfg = load_config(args.config, args.overrides)
     try:
         train(cfg, local_rank=args.local_rank)
+    except StopRequested as exc:
+        if comm.rank() == 0:
+            print(f"eglp train: {exc}", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
+    except TooManyBadSteps as exc:
+        if comm.rank() == 0:
+            print(f"eglp train: error: {exc}", file=sys.stderr, flush=True)
+        return 1
     finally:
         shutdown()
     return 0

@@ -284,10 +284,11 @@ def _corrupt_first_image(folder: Path):
     from eglp_dist.data.shards import read_idx
 
     idx = folder / "acdc-val-000000.idx"
-    off, size, _ = next(c["jpg"] for c in read_idx(idx) if "jpg" in c)
+    ext = "png"  # evaluation splits are packed losslessly
+    off, size, _ = next(c[ext] for c in read_idx(idx) if ext in c)
     with open(folder / "acdc-val-000000.tar", "r+b") as f:
-        f.seek(off + 2)  # keep the JPEG magic, so it is a corrupt JPEG, not another file type
-        f.write(b"\0" * (size - 2))
+        f.seek(off + 8)  # keep the PNG signature, so it is a corrupt PNG, not another file type
+        f.write(b"\0" * (size - 8))
 
 
 def test_bad_evaluation_data_stops_the_run_before_its_first_step(shards, tmp_path):

@@ -97,6 +97,9 @@ class Engine:
         self.device = device
         self.grad_accum = int(cfg.grad_accum)
         self.micro_steps = 0  # completed calls of step()
+        self.skipped_steps = 0  # optimizer steps skipped for non-finite gradients
+        self.last_step_skipped = False
+        self.poison_next_backward = False  # tests: make the next loss NaN (trainer.guard)
         self._amp_dtype = autocast_dtype(cfg.precision, device)
 
     # -- forward -------------------------------------------------------------------
@@ -120,10 +123,30 @@ class Engine:
 
     # -- optimisation -------------------------------------------------------------
     def backward(self, loss: torch.Tensor) -> None:
+        if self.poison_next_backward:
+            self.poison_next_backward = False
+            loss = loss * float("nan")
+        self._backward(loss)
+
+    def _backward(self, loss: torch.Tensor) -> None:
         raise NotImplementedError
 
     def step(self) -> bool:
-        """End of one iteration. Returns True when the weights were updated."""
+        """End of one iteration. Returns True when the weights were updated; False between
+        accumulation boundaries and when the step was skipped for non-finite gradients
+        (``last_step_skipped``, decided alike on every rank: see ``control.py``)."""
+        boundary = self.at_boundary
+        self.micro_steps += 1
+        self.last_step_skipped = False
+        if not boundary:
+            return False
+        updated = self._optimizer_step()
+        if not updated:
+            self.skipped_steps += 1
+            self.last_step_skipped = True
+        return updated
+
+    def _optimizer_step(self) -> bool:
         raise NotImplementedError
 
     def lrs(self) -> List[float]:
@@ -191,13 +214,17 @@ class DDPEngine(Engine):
             self.wrapper.require_backward_grad_sync = self.at_boundary
         return self.wrapper(method, *args, **kwargs)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def _backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum).backward()
 
-    def step(self) -> bool:
-        boundary = self.at_boundary
-        self.micro_steps += 1
-        if not boundary:
+    def _optimizer_step(self) -> bool:
+        # After DDP's all-reduce every rank holds the same gradients (a NaN on one rank is a
+        # NaN in the sum), so this local test decides alike everywhere, with no collective.
+        # One host read per optimizer step; DeepSpeed's overflow check costs the same.
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        finite = bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()) if grads else True
+        if not finite:  # skip: no update, no lr step (as DeepSpeed skips an overflow step)
+            self.optimizer.zero_grad(set_to_none=True)
             return False
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -210,7 +237,8 @@ class DDPEngine(Engine):
         if self.env.rank == 0:  # replicated state: one writer
             path.mkdir(parents=True, exist_ok=True)
             torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict(), "micro_steps": self.micro_steps},
+                        "scheduler": self.scheduler.state_dict(), "micro_steps": self.micro_steps,
+                        "skipped_steps": self.skipped_steps},
                        path / ENGINE_FILE)
 
     def load(self, path: Path) -> None:
@@ -219,6 +247,7 @@ class DDPEngine(Engine):
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.micro_steps = state["micro_steps"]
+        self.skipped_steps = state.get("skipped_steps", 0)
 
     def optimizer_state_bytes(self) -> Dict[str, int]:
         moments = _tensor_bytes(t for s in self.optimizer.state.values() for t in s.values() if t.dim() > 0)
@@ -258,23 +287,24 @@ class DeepSpeedEngine(Engine):
     def _wrapped(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return self.ds(method, *args, **kwargs)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def _backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss / self.grad_accum, scale_wrt_gas=False)
 
-    def step(self) -> bool:
-        boundary = self.at_boundary
-        self.micro_steps += 1
-        if not boundary:
-            return False
-        self.ds.step()  # reduce/finalise gradients, clip, optimizer step, zero grads, lr step
-        return True
+    def _optimizer_step(self) -> bool:
+        # reduce/finalise gradients, clip, optimizer step, zero grads, lr step; with fp32
+        # master weights DeepSpeed skips the update (and the lr step) itself when the global
+        # gradient norm, all-reduced, is not finite: the same decision on every rank.
+        before = self.ds.skipped_steps
+        self.ds.step()
+        return self.ds.skipped_steps == before
 
     def lrs(self) -> List[float]:
         return [g["lr"] for g in self.ds.optimizer.param_groups]
 
     def save(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
-        self.ds.save_checkpoint(str(path), tag=DS_TAG, client_state={"micro_steps": self.micro_steps},
+        self.ds.save_checkpoint(str(path), tag=DS_TAG, client_state={"micro_steps": self.micro_steps,
+                                                                "skipped_steps": self.skipped_steps},
                                 save_latest=False)
 
     def load(self, path: Path) -> None:
@@ -283,6 +313,7 @@ class DeepSpeedEngine(Engine):
         if client is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {path / DS_TAG}")
         self.micro_steps = client["micro_steps"]
+        self.skipped_steps = client.get("skipped_steps", 0)
 
     def optimizer_state_bytes(self) -> Dict[str, int]:
         zero_opt = self.ds.optimizer  # DeepSpeedZeroOptimizer wrapping the torch optimizer

@@ -1,0 +1,115 @@
+"""The loop's per-step control point: stop requests (preemption signals) and bad steps are
+decided here, identically on every rank, with one small flag reduction per iteration.
+
+Why one reduction: a signal reaches each rank at its own moment (SLURM signals every task of
+a step, but not in the same iteration), so a rank that stopped on its own would leave the
+others waiting in the next collective. Instead every rank raises its flag, the flags are
+all-reduced (MAX) once after each iteration, and all ranks act on the same step boundary: write
+a checkpoint, then leave with :data:`EXIT_PREEMPTED`. The same reduction carries the "this
+step was skipped" flag, so the counting of bad steps cannot drift between ranks.
+
+Bad steps are detected where the gradients are whole (``dist/engine.py``): under DDP after
+the gradient all-reduce (a NaN on one rank is a NaN on every rank), under ZeRO by DeepSpeed's
+own global gradient-norm check; the optimizer step is then skipped, and
+``trainer.guard.max_bad_steps`` in a row stop the run after a checkpoint of the last good
+weights (those of the skipped steps are never applied).
+"""
+from __future__ import annotations
+
+import signal
+from typing import List, Optional
+
+import torch
+
+from eglp_dist.dist import comm
+from eglp_dist.errors import ConfigError
+
+# sysexits' EX_TEMPFAIL ("try again later"): the job stopped on request after a checkpoint;
+# launch/slurm/train.sbatch requeues on it, trainer.resume=auto continues from that step.
+EXIT_PREEMPTED = 75
+
+
+class StopRequested(Exception):
+    """Every rank stopped at the same step boundary on a signal, after a checkpoint."""
+
+    def __init__(self, signame: str, step: int, checkpoint):
+        super().__init__(f"stopped by {signame} at iteration {step}; checkpoint {checkpoint}; "
+                         f"run again with trainer.resume=auto to continue")
+        self.signame, self.step, self.checkpoint = signame, step, checkpoint
+
+
+class TooManyBadSteps(RuntimeError):
+    """``max_bad_steps`` non-finite steps in a row; the last good state was checkpointed."""
+
+
+def signal_numbers(names: List[str]) -> List[int]:
+    out = []
+    for name in names:
+        try:
+            out.append(int(signal.Signals[name]))
+        except KeyError:
+            raise ConfigError(f"trainer.guard.stop_signals: {name!r} is not a signal name "
+                              f"(e.g. SIGTERM, SIGUSR1)") from None
+    return out
+
+
+class ControlPoint:
+    """Installed for the life of the loop (a context manager); ``after_step`` is the control
+    point, ``stop_signal`` what a rank saw."""
+
+    def __init__(self, guard_cfg, device: torch.device):
+        self.cfg = guard_cfg
+        self.device = device
+        self.signums = signal_numbers(list(guard_cfg.stop_signals))
+        self.seen: Optional[int] = None  # the first stop signal this rank received
+        self.bad_in_a_row = 0
+        self.bad_total = 0
+        self._previous = {}
+
+    # -- signals -----------------------------------------------------------------------
+    def _on_signal(self, signum, frame):  # noqa: ARG002 - signal handler signature
+        if self.seen is None:
+            self.seen = signum
+
+    def __enter__(self) -> "ControlPoint":
+        for s in self.signums:
+            self._previous[s] = signal.signal(s, self._on_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
+        self._previous.clear()
+
+    # -- the per-step decision -----------------------------------------------------------
+    def after_step(self, skipped: bool) -> "Decision":
+        """One all-reduce (MAX) of [stop signal number, step skipped]; the same decision on
+        every rank."""
+        flags = torch.tensor([self.seen or 0, int(skipped)], dtype=torch.int64, device=self.device)
+        signum, any_skipped = comm.all_reduce_max(flags).tolist()
+        if any_skipped:
+            self.bad_in_a_row += 1
+            self.bad_total += 1
+        else:
+            self.bad_in_a_row = 0
+        stop = signal.Signals(signum).name if signum else None
+        too_many = self.bad_in_a_row >= self.cfg.max_bad_steps
+        return Decision(stop=stop, skipped=bool(any_skipped), too_many_bad=too_many)
+
+    def state_dict(self) -> dict:
+        return {"bad_in_a_row": self.bad_in_a_row, "bad_total": self.bad_total}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.bad_in_a_row = int(state.get("bad_in_a_row", 0))
+        self.bad_total = int(state.get("bad_total", 0))
+
+    def nan_injected(self, it: int) -> bool:
+        """Tests: poison the loss of iteration ``it`` (1-based, as logged)."""
+        return it in self.cfg.inject_nan_steps
+
+
+class Decision:
+    __slots__ = ("stop", "skipped", "too_many_bad")
+
+    def __init__(self, stop: Optional[str], skipped: bool, too_many_bad: bool):
+        self.stop, self.skipped, self.too_many_bad = stop, skipped, too_many_bad

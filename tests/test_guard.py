@@ -1,0 +1,144 @@
+"""The loop's control point with real processes: stop signals (every rank stops at one step
+boundary after a checkpoint, exit 75, resume is exact), non-finite steps (skipped on every
+rank, K in a row stop the run after a checkpoint of the last good weights)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_harness import launcher_environ, run_ranks
+from eglp_dist.config import PACKAGE_CONFIG_ROOT
+from eglp_dist.dist.env import free_port
+
+CONFIG = PACKAGE_CONFIG_ROOT / "demo" / "tiny_source_only.yaml"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from eglp_dist.demo import prepare_data
+
+    return prepare_data(tmp_path_factory.mktemp("data"), n_train=8, n_val=4, size=(128, 64))
+
+
+def _args(shards, out, *extra):
+    return [f"run.out_dir={out}", f"data.source.shards={shards['cityscapes_train']}", "data.source.crop_size=[64,64]",
+            "trainer.log_interval=1", "trainer.image_interval=1000", "schedule.warmup_iters=2", *extra]
+
+
+def _student(ckpt: Path):
+    from eglp_dist.dist.engine import export_fp32
+
+    return export_fp32(ckpt / "engines" / "student")
+
+
+BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _same(a, b, params_only: bool = False) -> bool:
+    keys = [k for k in a if not (params_only and k.endswith(BUFFERS))]
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in keys)
+
+
+def _train_and_keep(env, config, overrides):
+    """`eglp train` on this rank; this rank's final student weights and skipped-step counts."""
+    import eglp_dist.train as T
+    from eglp_dist.config import load_config
+    from eglp_dist.control import TooManyBadSteps
+
+    kept = {}
+    build = T.build_method
+
+    def spy(*a, **kw):
+        kept["method"] = build(*a, **kw)
+        return kept["method"]
+
+    T.build_method = spy
+    error = None
+    try:
+        T.train(load_config(config, overrides))
+    except TooManyBadSteps as exc:
+        error = str(exc)
+    m = kept["method"]
+    return ({k: v.detach().clone() for k, v in m.student.model.state_dict().items()},
+            {n: e.skipped_steps for n, e in m.engines.items()}, error)
+
+
+@pytest.mark.parametrize("engine", ["ddp", pytest.param("zero2", marks=pytest.mark.slow)])
+def test_an_injected_nan_is_skipped_on_every_rank_and_training_continues(shards, tmp_path, engine):
+    args = _args(shards, tmp_path, "trainer.max_iters=3", "trainer.ckpt_interval=1",
+                 "trainer.guard.inject_nan_steps=[2]", f"engine={engine}")
+    (w0, s0, e0), (w1, s1, e1) = run_ranks(_train_and_keep, 2, args=(CONFIG, args))
+    assert s0 == s1 == {"student": 1} and e0 is e1 is None  # both ranks skipped iteration 2 (NaN on rank 0 only)
+    assert _same(w0, w1)  # and still hold one model
+    ckpts = tmp_path / "demo_source_only" / "checkpoints"
+    one, two, three = (_student(ckpts / f"iter_000000{i}") for i in (1, 2, 3))
+    # the bad step changed no weight (batch-norm running statistics are the forward's, kept)
+    assert _same(one, two, params_only=True) and not _same(one, two)
+    assert not _same(two, three)  # training went on
+
+
+def test_k_non_finite_steps_in_a_row_stop_the_run_after_a_checkpoint(shards, tmp_path):
+    args = _args(shards, tmp_path, "trainer.max_iters=6", "trainer.ckpt_interval=1",
+                 "trainer.guard.inject_nan_steps=[2,3]", "trainer.guard.max_bad_steps=2")
+    (w0, s0, e0), (_, _, e1) = run_ranks(_train_and_keep, 2, args=(CONFIG, args))
+    assert e0 and e0 == e1 and "2 non-finite steps in a row" in e0 and "iteration 3" in e0
+    ckpts = tmp_path / "demo_source_only" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("iter_*")) == ["iter_0000001", "iter_0000002", "iter_0000003"]
+    assert _same(_student(ckpts / "iter_0000003"), _student(ckpts / "iter_0000001"), params_only=True)  # last good weights
+    assert s0 == {"student": 2}
+
+
+def _launch(world: int, args, log_dir: Path):
+    """`python -m eglp_dist train` as `world` processes with a launcher's environment (as srun
+    starts one task per GPU); stdout/stderr of each rank in log_dir."""
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, OMP_NUM_THREADS="1", **launcher_environ("torchrun", rank, world, port))
+        out = open(log_dir / f"rank{rank}.log", "w")
+        procs.append(subprocess.Popen([sys.executable, "-m", "eglp_dist", "train", str(CONFIG), *args],
+                                      env=env, stdout=out, stderr=subprocess.STDOUT))
+    return procs
+
+
+def _wait(procs, timeout=240):
+    deadline = time.time() + timeout
+    codes = []
+    for p in procs:
+        codes.append(p.wait(timeout=max(1, deadline - time.time())))
+    return codes
+
+
+def test_sigusr1_to_one_rank_stops_every_rank_at_one_step_and_resume_is_exact(shards, tmp_path):
+    args = _args(shards, tmp_path / "run", "trainer.max_iters=40", "trainer.ckpt_interval=100")
+    logs = tmp_path / "logs1"
+    logs.mkdir()
+    procs = _launch(2, args, logs)
+    deadline = time.time() + 180
+    while "iter 3/40" not in (logs / "rank0.log").read_text():
+        assert time.time() < deadline and procs[0].poll() is None, (logs / "rank0.log").read_text()[-3000:]
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGUSR1)  # one rank only: the control point makes it everyone's
+    assert _wait(procs) == [75, 75]
+    text = (logs / "rank0.log").read_text()
+    assert "SIGUSR1 received; checkpoint" in text and "stopped by SIGUSR1 at iteration" in text
+    ckpts = tmp_path / "run" / "demo_source_only" / "checkpoints"
+    (stopped,) = [p.name for p in ckpts.glob("iter_*")]
+    step = int(stopped.split("_")[1])
+    assert 3 <= step < 40
+    # the job comes back (trainer.resume=auto) and finishes where an unstopped run does
+    logs2 = tmp_path / "logs2"
+    logs2.mkdir()
+    assert _wait(_launch(2, args, logs2)) == [0, 0]
+    assert f"resumed from {ckpts / stopped} at iteration {step}" in (logs2 / "rank0.log").read_text()
+    straight = tmp_path / "straight"
+    logs3 = tmp_path / "logs3"
+    logs3.mkdir()
+    assert _wait(_launch(2, _args(shards, straight, "trainer.max_iters=40", "trainer.ckpt_interval=100"), logs3)) == [0, 0]
+    assert _same(_student(ckpts / "iter_0000040"),
+                 _student(straight / "demo_source_only" / "checkpoints" / "iter_0000040"))
