@@ -142,3 +142,27 @@ def test_sigusr1_to_one_rank_stops_every_rank_at_one_step_and_resume_is_exact(sh
     assert _wait(_launch(2, _args(shards, straight, "trainer.max_iters=40", "trainer.ckpt_interval=100"), logs3)) == [0, 0]
     assert _same(_student(ckpts / "iter_0000040"),
                  _student(straight / "demo_source_only" / "checkpoints" / "iter_0000040"))
+
+
+def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(shards, tmp_path):
+    import warnings
+
+    from dist_harness import train_worker
+
+    args = _args(shards, tmp_path, "trainer.max_iters=2", "trainer.ckpt_interval=1")
+    run_ranks(train_worker, 2, args=(CONFIG, args))
+    ckpts = tmp_path / "demo_source_only" / "checkpoints"
+    engine_file = ckpts / "iter_0000002" / "engines" / "student" / "engine.pt"
+    with open(engine_file, "r+b") as f:  # a copy cut short / a full disk
+        f.truncate(engine_file.stat().st_size // 3)
+    from eglp_dist.dist.checkpoint import find_latest
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert find_latest(ckpts) == (ckpts / "iter_0000001").resolve()
+    (w,) = [str(c.message) for c in caught]
+    assert f"checkpoint {ckpts / 'iter_0000002'} is damaged ({engine_file} has" in w
+    assert f"resuming from {ckpts / 'iter_0000001'} instead" in w
+    longer = [a for a in args if not a.startswith("trainer.max_iters")] + ["trainer.max_iters=3"]
+    run_ranks(train_worker, 2, args=(CONFIG, longer))  # resumes from iteration 1, ends at 3
+    assert (ckpts / "iter_0000003" / "COMPLETE").is_file()

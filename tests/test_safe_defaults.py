@@ -329,11 +329,14 @@ def test_a_truncated_checkpoint_file_is_named(shards, tmp_path):
     with open(engine_file, "r+b") as f:
         f.truncate(engine_file.stat().st_size // 2)
     longer = [a for a in args if not a.startswith("trainer.max_iters")] + ["trainer.max_iters=2"]
-    for proc in (eglp("train", DEMO / "tiny_source_only.yaml", *longer),
-                 eglp("eval", DEMO / "tiny_source_only.yaml", ckpt, *args)):
+    train, evaluate = (eglp("train", DEMO / "tiny_source_only.yaml", *longer),
+                       eglp("eval", DEMO / "tiny_source_only.yaml", ckpt, *args))
+    for proc in (train, evaluate):
         assert proc.returncode == 2, proc.stderr[-3000:]
-        assert f"{engine_file}: checkpoint file is truncated or corrupt" in proc.stderr, proc.stderr[-3000:]
         assert "Traceback" not in proc.stderr
+    # resume checks the sizes its COMPLETE lists (the only checkpoint: no silent restart)
+    assert f"checkpoint {ckpt} is damaged ({engine_file} has" in train.stderr, train.stderr[-3000:]
+    assert f"{engine_file}: checkpoint file is truncated or corrupt" in evaluate.stderr, evaluate.stderr[-3000:]
 
 
 # ------------------------------------------------------- 10. plain words for bad input

@@ -9,20 +9,28 @@ Layout of ``<run>/checkpoints/``::
         modules.pt              plain modules' state_dicts (rank 0; identical on all ranks)
         state.pt                run-wide state (rank 0)
         rank_00000.pt ...       per-rank state (every rank)
-        COMPLETE                written last: a folder without it is never loaded
+        COMPLETE                written last: a folder without it is never loaded; holds the step
+                                and every file's size, so a truncated file is found before loading
     latest -> iter_0004000      symlink, replaced atomically
 
 Every rank takes part. All write into ``.tmp-iter_XXXXXXX``; after a barrier rank 0 marks it
 complete, renames it into place, repoints ``latest`` and prunes to ``keep_last``. A crash at
 any point leaves either the previous checkpoint or the new one, never half of one.
 The folder must be on a file system all ranks share (as for any multi-node run).
+
+``trainer.resume=auto`` takes the newest complete checkpoint whose files all have the sizes
+its ``COMPLETE`` lists; a damaged one (a file truncated or lost after the save: a full disk,
+a copy cut short) is passed over for the previous one, with a warning naming both. Sizes, not
+checksums: checking them reads no data, and truncation is how checkpoints break in practice.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Protocol, runtime_checkable
 
@@ -89,7 +97,8 @@ def save_checkpoint(ckpt_root: os.PathLike | str, step: int, engines: Mapping[st
     torch_save_atomic(dict(rank_state, rng=capture_rng()), tmp / f"rank_{comm.rank():05d}.pt")
     comm.barrier()
     if comm.rank() == 0:
-        (tmp / COMPLETE).write_text(f"{step}\n")
+        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / COMPLETE).write_text(json.dumps({"step": step, "files": files}, indent=0) + "\n")
         if final.exists():  # re-save of the same step (e.g. final == last periodic)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -118,21 +127,56 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def damage(path: Path) -> Optional[str]:
+    """What is wrong with a complete checkpoint's files (None: every file listed in its
+    COMPLETE is there with its size; checkpoints written before sizes were kept pass)."""
+    try:
+        listed = json.loads((path / COMPLETE).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return None  # the old marker (just the step): nothing to compare
+    for rel, size in (listed or {}).items():
+        f = path / rel
+        if not f.is_file():
+            return f"{f} is missing"
+        if f.stat().st_size != size:
+            return f"{f} has {f.stat().st_size} of its {size} bytes"
+    return None
+
+
 def find_latest(ckpt_root: os.PathLike | str) -> Optional[Path]:
-    """The newest complete checkpoint (following `latest`, falling back to a scan if the
-    link is missing or points to an incomplete folder)."""
+    """The newest complete, undamaged checkpoint (``latest`` first, then a scan); a damaged
+    newer one is skipped with a warning naming it, what is wrong, and the one taken; if all
+    are damaged, DataError naming the newest."""
     root = Path(ckpt_root)
     link = root / LATEST
-    if link.exists() and (link.resolve() / COMPLETE).is_file():
-        return link.resolve()
-    complete = _complete_checkpoints(root)
-    return complete[-1][1] if complete else None
+    candidates = [p for _, p in reversed(_complete_checkpoints(root))]
+    if link.exists() and (link.resolve() / COMPLETE).is_file() and link.resolve() in candidates:
+        candidates.remove(link.resolve())
+        candidates.insert(0, link.resolve())
+    skipped = []
+    for path in candidates:
+        problem = damage(path)
+        if problem is None:
+            if skipped:
+                warnings.warn(f"checkpoint {skipped[0][0]} is damaged ({skipped[0][1]}); resuming from "
+                              f"{path} instead" + (f" ({len(skipped) - 1} more damaged ones skipped)"
+                                                   if len(skipped) > 1 else ""), stacklevel=2)
+            return path.resolve()
+        skipped.append((path, problem))
+    if skipped:  # never a silent restart from scratch over a run's damaged checkpoints
+        raise DataError(f"checkpoint {skipped[0][0]} is damaged ({skipped[0][1]}) and no older complete "
+                        f"checkpoint is intact; restore it, or move {root} away to start afresh")
+    return None
 
 
 def resolve_checkpoint(path: os.PathLike | str) -> Path:
-    """A user-given checkpoint path (a folder, `latest`, or a run's checkpoints folder)."""
+    """A user-given checkpoint path (a folder, `latest`, or a run's checkpoints folder);
+    a named folder that is damaged is an error naming the file."""
     p = Path(path)
     if (p / COMPLETE).is_file():
+        problem = damage(p)
+        if problem is not None:
+            raise DataError(f"checkpoint {p} is damaged: {problem}")
         return p.resolve()
     latest = find_latest(p)
     if latest is None:
