@@ -134,8 +134,30 @@ def _resolve(target: str) -> Callable[[argparse.Namespace], int]:
     return func
 
 
+def split_local_rank(argv: List[str]):
+    """(argv without it, N) for a ``--local_rank=N`` / ``--local-rank N`` anywhere in argv.
+
+    The DeepSpeed launcher passes ``--local_rank=N`` to every process; with ``--module`` it
+    puts it right after the module name, *before* our subcommand (``-m eglp_dist
+    --local_rank=0 train CONFIG``), where a subcommand parser cannot see it."""
+    out, local_rank, i = [], None, 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith(("--local_rank=", "--local-rank=")):
+            local_rank = int(a.split("=", 1)[1])
+        elif a in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            local_rank, i = int(argv[i + 1]), i + 1
+        else:
+            out.append(a)
+        i += 1
+    return out, local_rank
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    argv, local_rank = split_local_rank(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
+    if local_rank is not None and hasattr(args, "local_rank"):
+        args.local_rank = local_rank
     try:
         handler = _resolve(HANDLERS[args.command])
     except NotImplementedError:
@@ -166,7 +188,8 @@ def entry() -> None:
     """The ``eglp`` console script and ``python -m eglp_dist``."""
     argv = sys.argv[1:]
     code = main(argv)
-    if argv and argv[0] in EXIT_WITHOUT_FINALIZERS:
+    command = split_local_rank(argv)[0][:1]
+    if command and command[0] in EXIT_WITHOUT_FINALIZERS:
         from eglp_dist.dist.env import exit_without_finalizers
 
         exit_without_finalizers(code)

@@ -1,13 +1,23 @@
 #!/usr/bin/env bash
-# Launch training with torchrun on this node (or, with NNODES>1, on each node in turn).
+# Training under torchrun, on one node or several (run this script once per node).
 #   launch/torchrun.sh configs/eglp/city2acdc.yaml trainer.max_iters=40000
-# Environment: NPROC (default: number of GPUs, else 2 CPU processes), NNODES (1),
-# NODE_RANK (0), MASTER_ADDR (127.0.0.1), MASTER_PORT (29500).
+#   NNODES=2 MASTER_ADDR=node0 launch/torchrun.sh configs/eglp/city2acdc.yaml   # on every node
+# Environment: NPROC (default: the node's GPUs, else 2 CPU processes), NNODES (1),
+# MASTER_ADDR (127.0.0.1; the rendezvous host), MASTER_PORT (29500), MAX_RESTARTS (3),
+# RUN_ID (the rendezvous id; same on every node, default eglp).
+#
+# c10d rendezvous (no fixed node ranks): a node that joins late or comes back is admitted.
+# After a worker dies, torchrun restarts the whole group (up to MAX_RESTARTS) and training
+# resumes from the newest complete checkpoint (trainer.resume=auto). Each restart gets its
+# own TCP store: with the store shared between the rendezvous and the workers, a restarted
+# gloo group intermittently fails to connect or hangs (pytorch#135712, #167288).
 set -euo pipefail
 config=${1:?usage: launch/torchrun.sh CONFIG [KEY=VALUE ...]}; shift
 if [ -z "${NPROC:-}" ]; then
-  NPROC=$(nvidia-smi -L 2>/dev/null | wc -l); [ "$NPROC" -gt 0 ] || NPROC=2
+  NPROC=$(nvidia-smi -L 2>/dev/null | wc -l || true); [ "${NPROC:-0}" -gt 0 ] || NPROC=2
 fi
-exec torchrun --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}" --nproc-per-node "$NPROC" \
-  --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29500}" \
-  -m eglp_dist train "$config" "$@"
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+exec "${PYTHON:-python}" -m torch.distributed.run --nnodes "${NNODES:-1}" --nproc-per-node "$NPROC" \
+  --rdzv-backend c10d --rdzv-endpoint "${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}" \
+  --rdzv-id "${RUN_ID:-eglp}" --max-restarts "${MAX_RESTARTS:-3}" \
+  -m eglp_dist train "$config" trainer.resume=auto "$@"
