@@ -46,7 +46,10 @@ class RunConfig:
 @dataclass
 class DistConfig:
     backend: str = choice("auto", ["auto", "nccl", "gloo"])  # auto: NCCL with CUDA, gloo without
-    timeout_s: int = positive(1800)  # collective timeout
+    timeout_s: int = positive(1800)  # collective timeout at start-up, checkpoints, evaluation
+    # collective timeout of training steps (and the wait for a batch): a rank that stops
+    # answering makes the others fail this long after, naming the iteration and the wait
+    step_timeout_s: int = positive(600)
 
 
 @dataclass

@@ -16,8 +16,9 @@ weights (those of the skipped steps are never applied).
 """
 from __future__ import annotations
 
+import contextlib
 import signal
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import torch
 
@@ -40,6 +41,45 @@ class StopRequested(Exception):
 
 class TooManyBadSteps(RuntimeError):
     """``max_bad_steps`` non-finite steps in a row; the last good state was checkpointed."""
+
+
+class RankLost(RuntimeError):
+    """A collective or this rank's data got no answer within ``dist.step_timeout_s``."""
+
+
+# what gloo, NCCL and our stream watchdog say when a peer or the data stops answering
+_LOST = ("timed out", "timeout", "connection closed", "connection reset", "no batch for step",
+         "broken pipe")
+
+
+def as_rank_lost(exc: BaseException, it: int, phase: str, dist_cfg) -> Optional[RankLost]:
+    """A timeout of the loop as an error naming the iteration and what waited (None: not one)."""
+    text = str(exc).strip()
+    if not any(k in text.lower() for k in _LOST):
+        return None
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return RankLost(f"iteration {it}: no answer within {dist_cfg.step_timeout_s} s (dist.step_timeout_s) in "
+                    f"{phase}: another rank is stopped, stuck in its data loading, or gone ({first})")
+
+
+@contextlib.contextmanager
+def step_timeouts(dist_cfg) -> Iterator[None]:
+    """Training collectives time out after ``dist.step_timeout_s``; start-up, checkpoints and
+    evaluations keep ``dist.timeout_s`` (:func:`startup_timeout`)."""
+    comm.set_timeout(dist_cfg.step_timeout_s)
+    try:
+        yield
+    finally:
+        comm.set_timeout(dist_cfg.timeout_s)
+
+
+@contextlib.contextmanager
+def startup_timeout(dist_cfg) -> Iterator[None]:
+    comm.set_timeout(dist_cfg.timeout_s)
+    try:
+        yield
+    finally:
+        comm.set_timeout(dist_cfg.step_timeout_s)
 
 
 def signal_numbers(names: List[str]) -> List[int]:

@@ -22,7 +22,9 @@ import numpy as np
 import torch
 
 from eglp_dist.config import load_config, resolved_yaml, to_plain
-from eglp_dist.control import EXIT_PREEMPTED, ControlPoint, StopRequested, TooManyBadSteps
+from eglp_dist.control import (EXIT_PREEMPTED, ControlPoint, RankLost, StopRequested, TooManyBadSteps,
+                               as_rank_lost, startup_timeout, step_timeouts)
+from eglp_dist.data.planning import StalledStream
 from eglp_dist.data.loader import build_eval_loader, build_train_stream
 from eglp_dist.dist import comm
 from eglp_dist.dist.checkpoint import (find_latest, load_checkpoint, read_run_state, resolve_checkpoint,
@@ -131,12 +133,13 @@ def _train_locked(cfg, env, device, method, streams, val_loaders, run_dir: Path)
         control.load_state_dict(rank_state.get("control", {}))
 
     def save(it: int) -> Path:
-        method.sync_buffers()  # one model on every rank (see Engine.sync_buffers)
-        return save_checkpoint(ckpt_root, it, method.engines, method.modules,
-                               {"method": cfg.method.name, "config": to_plain(cfg)},
-                               {"streams": {n: s.state_dict() for n, s in streams.items()},
-                                "method": method.state_dict(), "control": control.state_dict()},
-                               keep_last=t.keep_last)
+        with startup_timeout(cfg.dist):  # writing may take longer than a step
+            method.sync_buffers()  # one model on every rank (see Engine.sync_buffers)
+            return save_checkpoint(ckpt_root, it, method.engines, method.modules,
+                                   {"method": cfg.method.name, "config": to_plain(cfg)},
+                                   {"streams": {n: s.state_dict() for n, s in streams.items()},
+                                    "method": method.state_dict(), "control": control.state_dict()},
+                                   keep_last=t.keep_last)
 
     images_per_iter = sum(s.batch_size for s in streams.values())
     monitor = Monitor(run_dir, env.is_main, start, t.max_iters, images_per_iter)
@@ -149,14 +152,20 @@ def _train_locked(cfg, env, device, method, streams, val_loaders, run_dir: Path)
     last_eval: Dict[str, Any] = {}
     for engine in method.engines.values():
         engine.train()
+    for stream in streams.values():
+        stream.wait_timeout = cfg.dist.step_timeout_s
+    where = {"it": start, "phase": "start-up"}
     try:
-        with control:  # stop signals are caught from here on, and acted on below
+        with control, step_timeouts(cfg.dist):  # stop signals are caught from here on, acted on below
             for it in range(start + 1, t.max_iters + 1):  # `it` iterations done after this one
+                where.update(it=it, phase="waiting for this rank's batches")
                 batches = {name: next(stream) for name, stream in streams.items()}
                 if env.is_main and control.nan_injected(it):
                     method.student.poison_next_backward = True
+                where["phase"] = "the step (its gradient all-reduce)"
                 logs = method.step(batches, it - 1)
                 # the control point: one flag reduction, the same decision on every rank
+                where["phase"] = "the control point's flag all-reduce"
                 decision = control.after_step(any(e.last_step_skipped for e in method.engines.values()))
                 if decision.skipped:
                     monitor.write(f"iter {it}: non-finite loss or gradients, optimizer step skipped "
@@ -175,14 +184,22 @@ def _train_locked(cfg, env, device, method, streams, val_loaders, run_dir: Path)
                 evaluate_now = bool(val_loaders) and should(it, t.eval_interval, t.max_iters)
                 save_now = should(it, t.ckpt_interval, t.max_iters) or decision.stop is not None
                 # before evaluating: an evaluation that fails must not cost the checkpoint
+                where["phase"] = "the checkpoint"
                 path = save(it) if save_now else None
                 if decision.stop is not None:
                     monitor.write(f"iter {it}: {decision.stop} received; checkpoint {path} written, stopping")
                     raise StopRequested(decision.stop, it, path)
                 if evaluate_now:
-                    if not save_now:
-                        method.sync_buffers()
-                    last_eval = run_evaluation(method, val_loaders, cfg, device, monitor, run_dir, it)
+                    where["phase"] = "the evaluation"
+                    with startup_timeout(cfg.dist):
+                        if not save_now:
+                            method.sync_buffers()
+                        last_eval = run_evaluation(method, val_loaders, cfg, device, monitor, run_dir, it)
+    except (RuntimeError, StalledStream) as exc:
+        lost = as_rank_lost(exc, where["it"], where["phase"], cfg.dist)
+        if lost is None:
+            raise
+        raise lost from exc
     finally:
         for stream in streams.values():
             stream.close()
@@ -225,6 +242,9 @@ def run_cli(args: argparse.Namespace) -> int:
     except TooManyBadSteps as exc:
         if comm.rank() == 0:
             print(f"eglp train: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except RankLost as exc:  # every rank that notices says so: the stuck one may be any
+        print(f"eglp train: error: rank {comm.rank()}: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
         shutdown()

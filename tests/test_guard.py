@@ -166,3 +166,48 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(shards, tm
     longer = [a for a in args if not a.startswith("trainer.max_iters")] + ["trainer.max_iters=3"]
     run_ranks(train_worker, 2, args=(CONFIG, longer))  # resumes from iteration 1, ends at 3
     assert (ckpts / "iter_0000003" / "COMPLETE").is_file()
+
+
+def test_a_stopped_rank_makes_the_others_fail_in_bounded_time_naming_the_step(shards, tmp_path):
+    args = _args(shards, tmp_path / "run", "trainer.max_iters=200", "trainer.ckpt_interval=1000",
+                 "dist.step_timeout_s=5")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    procs = _launch(2, args, logs)
+    try:
+        deadline = time.time() + 180
+        while "iter 3/200" not in (logs / "rank0.log").read_text():
+            assert time.time() < deadline and procs[0].poll() is None, (logs / "rank0.log").read_text()[-3000:]
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGSTOP)  # alive but not answering
+        t0 = time.time()
+        code = procs[0].wait(timeout=90)
+        waited = time.time() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    text = (logs / "rank0.log").read_text()
+    assert code == 1 and waited < 60, (waited, text[-3000:])
+    line = next(l for l in text.splitlines() if "eglp train: error: rank 0: iteration" in l)
+    assert "no answer within 5 s (dist.step_timeout_s)" in line and "another rank is stopped" in line
+
+
+def test_a_stuck_loader_is_named_after_the_step_timeout():
+    from eglp_dist.data.planning import Prefetcher, StalledStream
+
+    release = __import__("threading").Event()
+
+    def slow(step, slot):
+        if step == 1:
+            release.wait(30)  # stuck reading (an NFS stall)
+        return step, slot
+
+    pre = Prefetcher(slow, 1, 0, 1, 2, timeout=0.5)
+    assert pre.get(0) == [(0, 0)]
+    t0 = time.time()
+    with pytest.raises(StalledStream, match="no batch for step 1 within 0.5 s"):
+        pre.get(1)
+    assert time.time() - t0 < 5
+    release.set()
+    pre.close()

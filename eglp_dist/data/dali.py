@@ -17,7 +17,7 @@ each rank's part is exactly what is wanted.
 from __future__ import annotations
 
 import json
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -97,11 +97,12 @@ def decode_error(exc: Exception, plans) -> DataError:
 class DaliTrainProducer:
     """Batches of a TrainStream from a DALI pipeline fed by planned samples."""
 
-    def __init__(self, source: SampleSource, data_cfg, start: int, device: torch.device):
+    def __init__(self, source: SampleSource, data_cfg, start: int, device: torch.device,
+                 timeout: Optional[float] = None):
         self.source, self.device, self.start = source, device, start
         decoder, device_id = decode_placement(data_cfg, device)
         self.prefetch = Prefetcher(source.plan, source.batch_size, start, data_cfg.prefetch + 1,
-                                   data_cfg.num_threads)
+                                   data_cfg.num_threads, timeout)
         self.plans = {}
         crop = source.augment.crop
         self.pipe = _train_pipeline(self._feed, source.batch_size, decoder, device_id,

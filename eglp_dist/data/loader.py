@@ -62,6 +62,9 @@ class TrainStream:
         self.backend = backend_of(data_cfg)
         self.step = 0
         self._producer = None
+        # seconds a batch may take before planning.StalledStream (None: wait forever); the
+        # training loop sets dist.step_timeout_s
+        self.wait_timeout: Optional[float] = None
 
     # -- iteration ---------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
@@ -76,7 +79,7 @@ class TrainStream:
 
     def _make_producer(self, start: int):
         producer = dali.DaliTrainProducer if self.backend == "dali" else pil.PilTrainProducer
-        return producer(self.source, self.data_cfg, start, self.device)
+        return producer(self.source, self.data_cfg, start, self.device, self.wait_timeout)
 
     @property
     def num_samples(self) -> int:

@@ -14,7 +14,7 @@ DALI's ``shard_id=rank`` split and needs no node splitter).
 from __future__ import annotations
 
 import json
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -49,11 +49,12 @@ def resample(image: bytes, box, out_hw, flip: bool, name: str = "image", mode: s
 class PilTrainProducer:
     """Batches of a TrainStream from a thread pool (``data.num_threads``)."""
 
-    def __init__(self, source: SampleSource, data_cfg, start: int, device: torch.device):
+    def __init__(self, source: SampleSource, data_cfg, start: int, device: torch.device,
+                 timeout: Optional[float] = None):
         self.source, self.device = source, device
         self.mean, self.std = list(data_cfg.mean), list(data_cfg.std)
         self.prefetch = Prefetcher(self._sample, source.batch_size, start, data_cfg.prefetch,
-                                   data_cfg.num_threads)
+                                   data_cfg.num_threads, timeout)
 
     def _sample(self, step: int, slot: int):
         p = self.source.plan(step, slot)

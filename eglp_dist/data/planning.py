@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence
 
@@ -20,6 +21,10 @@ from eglp_dist.data.config import shard_folders
 from eglp_dist.data.sampling import Pick, build_sampler, min_class_pixels
 from eglp_dist.data.shards import SEG_EXT, image_ext, open_shards
 from eglp_dist.errors import ConfigError, DataError
+
+
+class StalledStream(RuntimeError):
+    """A training stream produced no batch within the step timeout."""
 
 
 @dataclass
@@ -98,8 +103,8 @@ class Prefetcher:
     must be called with consecutive steps. Results do not depend on timing (pure functions)."""
 
     def __init__(self, fn: Callable[[int, int], object], batch_size: int, start: int, depth: int,
-                 threads: int):
-        self.fn, self.b, self.depth = fn, batch_size, depth
+                 threads: int, timeout: Optional[float] = None):
+        self.fn, self.b, self.depth, self.timeout = fn, batch_size, depth, timeout
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="eglp-data")
         self.futures: Dict[int, list] = {}
         self.next_submit = start
@@ -109,7 +114,12 @@ class Prefetcher:
             s = self.next_submit
             self.futures[s] = [self.pool.submit(self.fn, s, i) for i in range(self.b)]
             self.next_submit += 1
-        return [f.result() for f in self.futures.pop(step)]
+        futures = self.futures.pop(step)
+        try:
+            return [f.result(timeout=self.timeout) for f in futures]
+        except FuturesTimeout:
+            raise StalledStream(f"no batch for step {step} within {self.timeout:g} s (dist.step_timeout_s): "
+                                f"reading or decoding is stuck") from None
 
     def close(self) -> None:
         for futs in self.futures.values():

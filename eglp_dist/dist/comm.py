@@ -78,3 +78,14 @@ def all_gather_object(obj: Any) -> List[Any]:
     out: List[Any] = [None] * world_size()
     tdist.all_gather_object(out, obj)
     return out
+
+
+def set_timeout(seconds: float) -> None:
+    """The collective timeout of the default group from now on (start-up may take longer than
+    a step: the loop shortens it while training and lengthens it for checkpoints)."""
+    if is_distributed():
+        from datetime import timedelta
+
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        _set_pg_timeout(timedelta(seconds=float(seconds)))
