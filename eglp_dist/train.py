@@ -28,7 +28,7 @@ from eglp_dist.data.planning import StalledStream
 from eglp_dist.data.loader import build_eval_loader, build_train_stream
 from eglp_dist.dist import comm
 from eglp_dist.dist.checkpoint import (find_latest, load_checkpoint, read_run_state, resolve_checkpoint,
-                                      save_checkpoint)
+                                      save_checkpoint, saved_world_size)
 from eglp_dist.dist.engine import autocast_dtype
 from eglp_dist.dist.env import detect_env, init_distributed, shutdown
 from eglp_dist.errors import ConfigError
@@ -81,9 +81,10 @@ def run_folder_lock(run_dir: Path, env) -> Iterator[None]:
             lock.release()
 
 
-def seed_rank(seed: int, rank: int) -> None:
-    """Per-rank streams for what the method does not draw itself (dropout, drop-path)."""
-    s = method_seed(seed, rank) + 1
+def seed_rank(seed: int, rank: int, step: int = 0) -> None:
+    """Per-rank streams for what the method does not draw itself (dropout, drop-path); a
+    function of (seed, rank, step), so a rank a checkpoint lacks starts its own streams."""
+    s = method_seed(seed, rank) + 1 + 7_919 * step
     torch.manual_seed(s)
     np.random.seed(s % 2**32)
     random.seed(s)
@@ -129,8 +130,12 @@ def _train_locked(cfg, env, device, method, streams, val_loaders, run_dir: Path)
         start = int(state["step"])
         for name, stream in streams.items():
             stream.load_state_dict(rank_state["streams"][name])
-        method.load_state_dict(rank_state["method"])
-        control.load_state_dict(rank_state.get("control", {}))
+        if rank_state.get("fresh"):  # a rank the checkpoint did not have (more ranks now)
+            seed_rank(cfg.run.seed, env.rank, start)
+            method.reseed(start)
+        else:
+            method.load_state_dict(rank_state["method"])
+            control.load_state_dict(rank_state.get("control", {}))
 
     def save(it: int) -> Path:
         with startup_timeout(cfg.dist):  # writing may take longer than a step
@@ -149,6 +154,13 @@ def _train_locked(cfg, env, device, method, streams, val_loaders, run_dir: Path)
     if resume_from is not None:
         monitor.write(f"resumed from {resume_from} at iteration {start}"
                       + (" (run already complete)" if start >= t.max_iters else ""))
+        saved = saved_world_size(resume_from, state)
+        if saved != env.world_size:
+            monitor.write(f"the checkpoint was written by {saved} rank(s), this run has {env.world_size}: "
+                          f"ranks 0..{min(saved, env.world_size) - 1} continue their own data and random streams, "
+                          + (f"ranks {saved}..{env.world_size - 1} start new ones from (seed, rank, step); "
+                             if env.world_size > saved else f"the streams of ranks {env.world_size}..{saved - 1} end; ")
+                          + "the global batch and the batches themselves differ from the uninterrupted run")
     last_eval: Dict[str, Any] = {}
     for engine in method.engines.values():
         engine.train()

@@ -93,7 +93,7 @@ def save_checkpoint(ckpt_root: os.PathLike | str, step: int, engines: Mapping[st
         engine.save(tmp / "engines" / name)
     if comm.rank() == 0:
         torch_save_atomic({k: m.state_dict() for k, m in modules.items()}, tmp / "modules.pt")
-        torch_save_atomic(dict(state, step=step), tmp / "state.pt")
+        torch_save_atomic(dict(state, step=step, world_size=comm.world_size()), tmp / "state.pt")
     torch_save_atomic(dict(rank_state, rng=capture_rng()), tmp / f"rank_{comm.rank():05d}.pt")
     comm.barrier()
     if comm.rank() == 0:
@@ -203,11 +203,27 @@ def read_run_state(path: os.PathLike | str) -> Dict[str, Any]:
     return read_file(Path(path) / "state.pt")
 
 
+def saved_world_size(path: Path, state: Mapping[str, Any]) -> int:
+    return int(state.get("world_size") or len(list(path.glob("rank_*.pt"))))
+
+
 def load_checkpoint(path: os.PathLike | str, engines: Mapping[str, Any],
                     modules: Mapping[str, Stateful], restore_rng_state: bool = True):
     """Collective. Loads engines and modules in place; returns (state, rank_state).
-    A run resumed on a different world size gets rank 0's per-rank state if its own is absent."""
+
+    On another world size, a rank the checkpoint has no state for gets only rank 0's data
+    stream positions (``rank_state["fresh"] = True``, no ``method``/``rng``): its random
+    streams are the caller's to derive from (seed, rank, step), never a copy of rank 0's.
+    A ZeRO engine is partitioned for the world size it was saved on: another one is refused,
+    naming both (resume on the saved number of ranks, or switch to DDP)."""
     path = resolve_checkpoint(path)
+    state = read_run_state(path)
+    saved = saved_world_size(path, state)
+    zero = [n for n, e in engines.items() if getattr(e, "kind", "").startswith("zero")]
+    if zero and saved != comm.world_size():
+        raise DataError(f"{path}: engine {zero[0]!r} is a ZeRO checkpoint partitioned over {saved} rank(s) and "
+                        f"cannot be loaded on {comm.world_size()}; resume on {saved} rank(s) (a ZeRO "
+                        f"checkpoint's optimizer state is split by rank)")
     for name, engine in engines.items():
         try:
             engine.load(path / "engines" / name)
@@ -219,11 +235,11 @@ def load_checkpoint(path: os.PathLike | str, engines: Mapping[str, Any],
     module_states = read_file(path / "modules.pt")
     for name, module in modules.items():
         module.load_state_dict(module_states[name])
-    state = read_run_state(path)
     rank_file = path / f"rank_{comm.rank():05d}.pt"
-    if not rank_file.is_file():
-        rank_file = path / "rank_00000.pt"
-    rank_state = read_file(rank_file)
-    if restore_rng_state:
-        restore_rng(rank_state["rng"])
-    return state, rank_state
+    if rank_file.is_file():
+        rank_state = read_file(rank_file)
+        if restore_rng_state:
+            restore_rng(rank_state["rng"])
+        return state, rank_state
+    first = read_file(path / "rank_00000.pt")
+    return state, {"streams": first["streams"], "fresh": True}

@@ -97,6 +97,12 @@ class Method:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.generator.set_state(state["generator"])
 
+    def reseed(self, step: int) -> None:
+        """A rank resumed without a saved state of its own (the run now has more ranks): its
+        generator from (seed, rank, step), distinct from every other rank's; per-rank parts
+        of a recipe (EGLP's memory bank) start empty."""
+        self.generator.manual_seed(method_seed(self.cfg.run.seed, self.env.rank) + 7_919 * step)
+
     # -- helpers for recipes -------------------------------------------------------------
     def keep_visual(self, **tensors: Optional[torch.Tensor]) -> None:
         """Keep the first image of each tensor for ``visuals()``. Called every step, so it

@@ -1,0 +1,64 @@
+"""Resuming on another world size (a requeued job that gets more or fewer GPUs) and with
+another engine: what continues, what starts fresh, and what is refused with its reason."""
+import shutil
+
+import pytest
+import torch
+
+from dist_harness import run_ranks
+from eglp_dist.config import PACKAGE_CONFIG_ROOT
+
+CONFIG = PACKAGE_CONFIG_ROOT / "demo" / "tiny_source_only.yaml"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from eglp_dist.demo import prepare_data
+
+    return prepare_data(tmp_path_factory.mktemp("data"), n_train=8, n_val=4, size=(128, 64))
+
+
+def _args(shards, out, *extra):
+    return [f"run.out_dir={out}", f"data.source.shards={shards['cityscapes_train']}", "data.source.crop_size=[64,64]",
+            "trainer.log_interval=1", "trainer.image_interval=1000", "trainer.ckpt_interval=2", *extra]
+
+
+def _train(env, config, overrides):
+    """`eglp train` on this rank; (this rank's method generator state, error text)."""
+    import eglp_dist.train as T
+    from eglp_dist.config import load_config
+    from eglp_dist.errors import UserError
+
+    kept = {}
+    build = T.build_method
+
+    def spy(*a, **kw):
+        kept["m"] = build(*a, **kw)
+        return kept["m"]
+
+    T.build_method = spy
+    try:
+        T.train(load_config(config, overrides))
+    except UserError as exc:
+        return None, str(exc)
+    return kept["m"].generator.get_state(), None
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_ddp_resumes_on_another_world_size_with_a_new_random_stream_per_new_rank(shards, tmp_path, world):
+    run_ranks(_train, 2, args=(CONFIG, _args(shards, tmp_path, "trainer.max_iters=2")))
+    out = run_ranks(_train, world, args=(CONFIG, _args(shards, tmp_path, "trainer.max_iters=4")))
+    assert all(err is None for _, err in out)
+    ckpts = tmp_path / "demo_source_only" / "checkpoints"
+    assert (ckpts / "iter_0000004" / "COMPLETE").is_file()
+    assert sorted(p.name for p in (ckpts / "iter_0000004").glob("rank_*.pt")) == [f"rank_{r:05d}.pt" for r in range(world)]
+    gens = [g for g, _ in out]
+    assert all(not torch.equal(gens[i], gens[j]) for i in range(world) for j in range(i))  # every rank its own
+
+
+def test_zero_refuses_another_world_size_and_a_switched_engine_is_named(shards, tmp_path):
+    run_ranks(_train, 2, args=(CONFIG, _args(shards, tmp_path, "trainer.max_iters=2", "engine=zero2")))
+    ((_, err),) = run_ranks(_train, 1, args=(CONFIG, _args(shards, tmp_path, "trainer.max_iters=4", "engine=zero2")))
+    assert "ZeRO checkpoint partitioned over 2 rank(s) and cannot be loaded on 1" in err
+    out = run_ranks(_train, 2, args=(CONFIG, _args(shards, tmp_path, "trainer.max_iters=4", "engine=ddp")))
+    assert all(e and "engine.kind" in e for _, e in out), out  # refused by the resume check, naming the key
