@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def test_bench_step_through_the_cli():
     proc = subprocess.run(
@@ -21,6 +23,7 @@ def test_bench_step_through_the_cli():
     assert "EGLP / PIG step time" in proc.stdout
 
 
+@pytest.mark.slow  # a 2-rank benchmark run: `make test-all` (what CI runs)
 def test_bench_step_spn_suite_puts_the_baseline_beside_spn():
     proc = subprocess.run(
         [sys.executable, "-m", "eglp_dist", "bench", "step", "--suite", "spn", "--ranks", "2", "--iters", "1",

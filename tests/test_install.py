@@ -7,6 +7,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 TOP_SKIP = {".venv", ".git", "runs", "build", "data", "eglp_dist.egg-info", ".pytest_cache"}
 
@@ -17,6 +19,7 @@ def skip(folder, names):
     return [n for n in names if n == "__pycache__" or (top and n in TOP_SKIP)]
 
 
+@pytest.mark.slow  # builds a wheel and trains from it: `make test-all` (what CI runs)
 def test_the_wheel_runs_shipped_configs_and_benchmarks_outside_the_source_tree(tmp_path):
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, ignore=skip)

@@ -58,6 +58,7 @@ def _workers(launcher: subprocess.Popen):
             if "eglp_dist" in " ".join(p.cmdline()) and "train" in p.cmdline()]
 
 
+@pytest.mark.slow  # two torchrun runs of 12 iterations: `make test-all` (what CI runs)
 def test_a_rank_killed_under_torchrun_restarts_the_group_and_ends_bit_identical(shards, tmp_path):
     def run(out, log, kill_at=None):
         with open(log, "w") as f:

@@ -44,7 +44,7 @@ def _train(env, config, overrides):
     return kept["m"].generator.get_state(), None
 
 
-@pytest.mark.parametrize("world", [1, 3])
+@pytest.mark.parametrize("world", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_ddp_resumes_on_another_world_size_with_a_new_random_stream_per_new_rank(shards, tmp_path, world):
     run_ranks(_train, 2, args=(CONFIG, _args(shards, tmp_path, "trainer.max_iters=2")))
     out = run_ranks(_train, world, args=(CONFIG, _args(shards, tmp_path, "trainer.max_iters=4")))
@@ -56,6 +56,7 @@ def test_ddp_resumes_on_another_world_size_with_a_new_random_stream_per_new_rank
     assert all(not torch.equal(gens[i], gens[j]) for i in range(world) for j in range(i))  # every rank its own
 
 
+@pytest.mark.slow  # three short ZeRO/DDP trainings: `make test-all` (what CI runs)
 def test_zero_refuses_another_world_size_and_a_switched_engine_is_named(shards, tmp_path):
     run_ranks(_train, 2, args=(CONFIG, _args(shards, tmp_path, "trainer.max_iters=2", "engine=zero2")))
     ((_, err),) = run_ranks(_train, 1, args=(CONFIG, _args(shards, tmp_path, "trainer.max_iters=4", "engine=zero2")))
