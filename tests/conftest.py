@@ -9,3 +9,15 @@ import eglp_dist  # noqa: E402,F401  (applies the torchvision shim before any te
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory):
+    """The demo's synthetic shards, small (8 train, 4 val images of 128x64), made once for
+    the multi-process training tests (guard, resume, launchers, SLURM, two nodes)."""
+    from eglp_dist.demo import prepare_data
+
+    return prepare_data(tmp_path_factory.mktemp("tiny_data"), n_train=8, n_val=4, size=(128, 64))

@@ -11,23 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_harness import launcher_environ, run_ranks
+from dist_harness import launcher_environ, run_ranks, train_with_method, tiny_train_args
 from eglp_dist.config import PACKAGE_CONFIG_ROOT
 from eglp_dist.dist.env import free_port
 
 CONFIG = PACKAGE_CONFIG_ROOT / "demo" / "tiny_source_only.yaml"
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from eglp_dist.demo import prepare_data
-
-    return prepare_data(tmp_path_factory.mktemp("data"), n_train=8, n_val=4, size=(128, 64))
+@pytest.fixture
+def shards(tiny_shards):
+    return tiny_shards
 
 
-def _args(shards, out, *extra):
-    return [f"run.out_dir={out}", f"data.source.shards={shards['cityscapes_train']}", "data.source.crop_size=[64,64]",
-            "trainer.log_interval=1", "trainer.image_interval=1000", "schedule.warmup_iters=2", *extra]
+_args = tiny_train_args
 
 
 def _student(ckpt: Path):
@@ -46,24 +42,9 @@ def _same(a, b, params_only: bool = False) -> bool:
 
 def _train_and_keep(env, config, overrides):
     """`eglp train` on this rank; this rank's final student weights and skipped-step counts."""
-    import eglp_dist.train as T
-    from eglp_dist.config import load_config
     from eglp_dist.control import TooManyBadSteps
 
-    kept = {}
-    build = T.build_method
-
-    def spy(*a, **kw):
-        kept["method"] = build(*a, **kw)
-        return kept["method"]
-
-    T.build_method = spy
-    error = None
-    try:
-        T.train(load_config(config, overrides))
-    except TooManyBadSteps as exc:
-        error = str(exc)
-    m = kept["method"]
+    m, error = train_with_method(config, overrides, (TooManyBadSteps,))
     return ({k: v.detach().clone() for k, v in m.student.model.state_dict().items()},
             {n: e.skipped_steps for n, e in m.engines.items()}, error)
 

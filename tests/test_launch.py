@@ -12,17 +12,16 @@ import psutil
 import pytest
 import torch
 
+from dist_harness import tiny_train_args
 from eglp_dist.dist.env import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/demo/tiny_source_only.yaml"
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from eglp_dist.demo import prepare_data
-
-    return prepare_data(tmp_path_factory.mktemp("data"), n_train=8, n_val=4, size=(128, 64))
+@pytest.fixture
+def shards(tiny_shards):
+    return tiny_shards
 
 
 def _env(**extra):
@@ -33,9 +32,7 @@ def _env(**extra):
                 PYTHON=sys.executable, MASTER_PORT=str(free_port()), **extra)
 
 
-def _args(shards, out, *extra):
-    return [f"run.out_dir={out}", f"data.source.shards={shards['cityscapes_train']}", "data.source.crop_size=[64,64]",
-            "trainer.log_interval=1", "trainer.image_interval=1000", "schedule.warmup_iters=2", *extra]
+_args = tiny_train_args
 
 
 def _student(ckpt: Path):

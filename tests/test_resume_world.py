@@ -5,43 +5,27 @@ import shutil
 import pytest
 import torch
 
-from dist_harness import run_ranks
+from dist_harness import run_ranks, train_with_method, tiny_train_args
 from eglp_dist.config import PACKAGE_CONFIG_ROOT
 
 CONFIG = PACKAGE_CONFIG_ROOT / "demo" / "tiny_source_only.yaml"
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from eglp_dist.demo import prepare_data
-
-    return prepare_data(tmp_path_factory.mktemp("data"), n_train=8, n_val=4, size=(128, 64))
+@pytest.fixture
+def shards(tiny_shards):
+    return tiny_shards
 
 
 def _args(shards, out, *extra):
-    return [f"run.out_dir={out}", f"data.source.shards={shards['cityscapes_train']}", "data.source.crop_size=[64,64]",
-            "trainer.log_interval=1", "trainer.image_interval=1000", "trainer.ckpt_interval=2", *extra]
+    return tiny_train_args(shards, out, "trainer.ckpt_interval=2", *extra)
 
 
 def _train(env, config, overrides):
     """`eglp train` on this rank; (this rank's method generator state, error text)."""
-    import eglp_dist.train as T
-    from eglp_dist.config import load_config
     from eglp_dist.errors import UserError
 
-    kept = {}
-    build = T.build_method
-
-    def spy(*a, **kw):
-        kept["m"] = build(*a, **kw)
-        return kept["m"]
-
-    T.build_method = spy
-    try:
-        T.train(load_config(config, overrides))
-    except UserError as exc:
-        return None, str(exc)
-    return kept["m"].generator.get_state(), None
+    m, error = train_with_method(config, overrides, (UserError,))
+    return (None if error else m.generator.get_state()), error
 
 
 @pytest.mark.parametrize("world", [1, pytest.param(3, marks=pytest.mark.slow)])

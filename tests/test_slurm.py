@@ -122,11 +122,9 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
         time.sleep(1)
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from eglp_dist.demo import prepare_data
-
-    return prepare_data(tmp_path_factory.mktemp("data"), n_train=8, n_val=4, size=(128, 64))
+@pytest.fixture
+def shards(tiny_shards):
+    return tiny_shards
 
 
 def _submit(env, out: Path, log: Path, shards, iters: int) -> str:

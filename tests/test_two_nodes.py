@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dist_harness import tiny_train_args
 from eglp_dist.dist.env import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,16 +55,13 @@ def two_nodes():
             _ip("netns", "del", n, check=False)
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from eglp_dist.demo import prepare_data
-
-    return prepare_data(tmp_path_factory.mktemp("data"), n_train=8, n_val=4, size=(128, 64))
+@pytest.fixture
+def shards(tiny_shards):
+    return tiny_shards
 
 
 def _args(shards, out):
-    return [f"run.out_dir={out}", f"data.source.shards={shards['cityscapes_train']}", "data.source.crop_size=[64,64]",
-            "trainer.max_iters=4", "trainer.log_interval=1", "trainer.image_interval=1000", "schedule.warmup_iters=2"]
+    return tiny_train_args(shards, out, "trainer.max_iters=4")
 
 
 def _env(**extra):
