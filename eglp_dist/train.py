@@ -24,7 +24,6 @@ import torch
 from eglp_dist.config import load_config, resolved_yaml, to_plain
 from eglp_dist.control import (EXIT_PREEMPTED, ControlPoint, RankLost, StopRequested, TooManyBadSteps,
                                as_rank_lost, startup_timeout, step_timeouts)
-from eglp_dist.data.planning import StalledStream
 from eglp_dist.data.loader import build_eval_loader, build_train_stream
 from eglp_dist.dist import comm
 from eglp_dist.dist.checkpoint import (find_latest, load_checkpoint, read_run_state, resolve_checkpoint,
@@ -130,20 +129,21 @@ def _train_locked(cfg, env, device, method, streams, val_loaders, run_dir: Path)
         start = int(state["step"])
         for name, stream in streams.items():
             stream.load_state_dict(rank_state["streams"][name])
+        control.load_state_dict(state.get("control", {}))  # run-wide: decided alike on every rank
         if rank_state.get("fresh"):  # a rank the checkpoint did not have (more ranks now)
             seed_rank(cfg.run.seed, env.rank, start)
             method.reseed(start)
         else:
             method.load_state_dict(rank_state["method"])
-            control.load_state_dict(rank_state.get("control", {}))
 
     def save(it: int) -> Path:
         with startup_timeout(cfg.dist):  # writing may take longer than a step
             method.sync_buffers()  # one model on every rank (see Engine.sync_buffers)
             return save_checkpoint(ckpt_root, it, method.engines, method.modules,
-                                   {"method": cfg.method.name, "config": to_plain(cfg)},
+                                   {"method": cfg.method.name, "config": to_plain(cfg),
+                                    "control": control.state_dict()},
                                    {"streams": {n: s.state_dict() for n, s in streams.items()},
-                                    "method": method.state_dict(), "control": control.state_dict()},
+                                    "method": method.state_dict()},
                                    keep_last=t.keep_last)
 
     images_per_iter = sum(s.batch_size for s in streams.values())
@@ -207,7 +207,7 @@ def _train_locked(cfg, env, device, method, streams, val_loaders, run_dir: Path)
                         if not save_now:
                             method.sync_buffers()
                         last_eval = run_evaluation(method, val_loaders, cfg, device, monitor, run_dir, it)
-    except (RuntimeError, StalledStream) as exc:
+    except RuntimeError as exc:  # collectives' timeouts, and planning.StalledStream
         lost = as_rank_lost(exc, where["it"], where["phase"], cfg.dist)
         if lost is None:
             raise
