@@ -160,6 +160,9 @@ def _train_locked(cfg, env, device, method, streams, val_loaders, run_dir: Path)
                           f"ranks 0..{min(saved, env.world_size) - 1} continue their own data and random streams, "
                           + (f"ranks {saved}..{env.world_size - 1} start new ones from (seed, rank, step); "
                              if env.world_size > saved else f"the streams of ranks {env.world_size}..{saved - 1} end; ")
+                          + "".join(f"engine {n!r}: ZeRO optimizer state re-partitioned from {saved} to "
+                                    f"{env.world_size} rank(s); " for n, e in method.engines.items()
+                                    if e.kind == "zero")
                           + "the global batch and the batches themselves differ from the uninterrupted run")
     last_eval: Dict[str, Any] = {}
     for engine in method.engines.values():

@@ -214,16 +214,9 @@ def load_checkpoint(path: os.PathLike | str, engines: Mapping[str, Any],
     On another world size, a rank the checkpoint has no state for gets only rank 0's data
     stream positions (``rank_state["fresh"] = True``, no ``method``/``rng``): its random
     streams are the caller's to derive from (seed, rank, step), never a copy of rank 0's.
-    A ZeRO engine is partitioned for the world size it was saved on: another one is refused,
-    naming both (resume on the saved number of ranks, or switch to DDP)."""
+    A ZeRO engine's optimizer state is re-partitioned for this world size (``DeepSpeedEngine.load``)."""
     path = resolve_checkpoint(path)
     state = read_run_state(path)
-    saved = saved_world_size(path, state)
-    zero = [n for n, e in engines.items() if getattr(e, "kind", "").startswith("zero")]
-    if zero and saved != comm.world_size():
-        raise DataError(f"{path}: engine {zero[0]!r} is a ZeRO checkpoint partitioned over {saved} rank(s) and "
-                        f"cannot be loaded on {comm.world_size()}; resume on {saved} rank(s) (a ZeRO "
-                        f"checkpoint's optimizer state is split by rank)")
     for name, engine in engines.items():
         try:
             engine.load(path / "engines" / name)

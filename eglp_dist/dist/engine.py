@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
@@ -34,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from eglp_dist.dist import comm
 from eglp_dist.dist.checkpoint import read_file
 from eglp_dist.dist.env import DistEnv
+from eglp_dist.errors import DataError
 from eglp_dist.optim import build_optimizer, build_scheduler
 
 ENGINE_FILE = "engine.pt"  # DDP checkpoint of one engine
@@ -181,6 +183,13 @@ class Engine:
         parameters on each rank; only optimizer state and gradients are partitioned)."""
         return {k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()}
 
+    def full_optimizer_state(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        """Each parameter's whole optimizer state (moments), keyed like ``named_parameters``;
+        a collective under ZeRO. For tests and checks that compare engines or world sizes."""
+        return {name: {k: v.detach().cpu().clone() for k, v in self.optimizer.state[p].items()
+                       if torch.is_tensor(v) and v.dim() > 0}
+                for name, p in self.model.named_parameters() if p.requires_grad}
+
     def optimizer_state_bytes(self) -> Dict[str, int]:
         """Bytes this rank holds for the optimizer: `moments` (Adam's exp_avg/exp_avg_sq or
         SGD momentum) and `master` (fp32 master copies kept apart from the model's params)."""
@@ -273,6 +282,10 @@ class DeepSpeedEngine(Engine):
             "zero_optimization": {
                 "stage": stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
                 "overlap_comm": bool(self.cfg.overlap_comm), "contiguous_gradients": True,
+                # Each rank saves its partition of the optimizer state without the alignment
+                # padding, per group: the format DeepSpeed merges and re-partitions for
+                # another number of ranks (see ``load``). Training is unchanged.
+                "elastic_checkpoint": True,
             },
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 2 ** 31 - 1,
@@ -308,12 +321,69 @@ class DeepSpeedEngine(Engine):
                                 save_latest=False)
 
     def load(self, path: Path) -> None:
-        _, client = self.ds.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
+        files = zero_partition_files(path / DS_TAG)
+        states = [read_file(f)["optimizer_state_dict"] for f in files]
+        rigid = bool(states) and isinstance(states[0].get("base_optimizer_state"), dict)
+        if rigid and len(files) != self.env.world_size:
+            raise DataError(f"{files[0].parent}: ZeRO checkpoint written by {len(files)} rank(s) in DeepSpeed's "
+                            f"rigid layout (by an eglp_dist before elastic checkpoints) cannot be re-partitioned "
+                            f"for {self.env.world_size}; resume it on {len(files)} rank(s) once (its next "
+                            f"checkpoint can move)")
+        # Weights and lr schedule through DeepSpeed; the optimizer state below (elastic layout)
+        # or, for an old rigid checkpoint on its own world size, by DeepSpeed too.
+        _, client = self.ds.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=rigid,
                                             load_lr_scheduler_states=True)
         if client is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {path / DS_TAG}")
+        if not rigid:
+            self._load_partitions(states)
         self.micro_steps = client["micro_steps"]
         self.skipped_steps = client.get("skipped_steps", 0)
+
+    def _load_partitions(self, states: List[Dict[str, Any]]) -> None:
+        """Load the optimizer state saved by ``len(states)`` ranks into this world's partitions,
+        on the same world size or another.
+
+        The module weights and lr schedule are loaded already (they are not partitioned), and
+        DeepSpeed has refreshed the fp32 master partitions from them (exact: our parameters are
+        fp32). Every rank has read all saved partitions (so, while loading, the full optimizer
+        state sits in host memory); each group's flat moments are concatenated in rank order and
+        this rank keeps its slice of the new partitioning (DeepSpeed's merge-and-slice helper,
+        with this world's alignment); per-group scalars such as Adam's step count are equal on
+        every saved rank and taken from the first. DeepSpeed's own elastic loader would do this
+        but runs on an unchanged world size only, and asserts a group-level ``step`` that
+        torch's AdamW does not keep. The result is the saved state, re-sliced, bit for bit
+        (tested 2 -> 2, 2 -> 1 and 2 -> 3)."""
+        zero_opt = self.ds.optimizer
+        inner = zero_opt.optimizer
+        zero_opt._load_global_state(states[0])
+        for i, group in enumerate(inner.param_groups):
+            flat = group["params"][0]  # this rank's fp32 partition of group i
+            saved = [sd["base_optimizer_state"][i] for sd in states]
+            for key in saved[0]:
+                values = [g[key] for g in saved]
+                partitioned = all(torch.is_tensor(v) and v.shape == sd["single_partition_of_fp32_groups"][i].shape
+                                  for v, sd in zip(values, states))
+                if partitioned:
+                    value = zero_opt._partition_base_optimizer_state(key, values, i).to(flat.device, flat.dtype)
+                else:
+                    value = values[0]
+                inner.state[flat][key] = value.clone() if torch.is_tensor(value) else value
+        # The groups' lr is optimizer state too (the same-world loader restores it with the
+        # rest); here it comes from the loaded schedule, or the first step would use lr(0).
+        for group, lr in zip(inner.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
+        _relink_optimizer_fragments(zero_opt)
+
+    def full_optimizer_state(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        """Collective: gathered from the partitions (DeepSpeed's tensor-fragment API)."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        _relink_optimizer_fragments(self.ds.optimizer)
+        inner = self.ds.optimizer.optimizer
+        keys = sorted({k for s in inner.state.values() for k, v in s.items() if torch.is_tensor(v) and v.dim() > 0})
+        return {name: {k: safe_get_full_optimizer_state(p, k).detach().cpu().clone() for k in keys}
+                for name, p in self.model.named_parameters() if p.requires_grad}
 
     def optimizer_state_bytes(self) -> Dict[str, int]:
         zero_opt = self.ds.optimizer  # DeepSpeedZeroOptimizer wrapping the torch optimizer
@@ -321,6 +391,21 @@ class DeepSpeedEngine(Engine):
         moments = _tensor_bytes(t for s in inner.state.values() for t in s.values() if t.dim() > 0)
         master = _tensor_bytes(getattr(zero_opt, "single_partition_of_fp32_groups", []))
         return {"moments": moments, "master": master}
+
+
+def _relink_optimizer_fragments(zero_opt) -> None:
+    """Point every parameter's fragment mapping at the optimizer state again. DeepSpeed
+    links them at the first step only; its checkpoint loader re-creates the mappings without
+    them, so until the next step ``safe_get_full_optimizer_state`` would fail."""
+    zero_opt._hp_optimizer_states_linked = False
+    zero_opt._lazy_init_hp_params_optimizer_state()
+
+
+def zero_partition_files(tag_dir: Path) -> List[Path]:
+    """The optimizer partitions of a DeepSpeed ZeRO-1/2 checkpoint, in rank order."""
+    found = [(int(m.group(1)), f) for f in tag_dir.glob("*zero_pp_rank_*_optim_states.pt")
+             if (m := re.search(r"zero_pp_rank_(\d+)_", f.name))]
+    return [f for _, f in sorted(found)]
 
 
 def build_engine(name: str, model: nn.Module, param_groups: Iterable[Dict[str, Any]], optim_cfg,
