@@ -56,10 +56,12 @@ class DistConfig:
 class EngineConfig:
     """How optimised models are wrapped: torch DDP or DeepSpeed ZeRO stage 1/2."""
     kind: str = choice("ddp", ["ddp", "zero1", "zero2"])
-    precision: str = choice("auto", ["auto", "fp32", "bf16"])  # auto: bf16 autocast on CUDA, fp32 on CPU
+    # auto: bf16 autocast on CUDA, fp32 on CPU; fp32: torch's defaults (full-precision matmuls,
+    # cuDNN convolutions may use TF32); tf32: fp32 with matmuls in TF32 too (Ampere and later)
+    precision: str = choice("auto", ["auto", "fp32", "tf32", "bf16"])
     grad_accum: int = positive(1)  # optimizer steps every grad_accum iterations
     grad_clip: Optional[float] = None  # max global grad norm; None = off (DAFormer/HRDA use none)
-    bucket_mb: int = positive(25)  # DDP bucket_cap_mb and ZeRO reduce/allgather bucket size
+    bucket_mb: int = positive(25)  # MiB: DDP bucket_cap_mb and ZeRO reduce/allgather buckets (of fp32 grads)
     overlap_comm: bool = False  # ZeRO: overlap gradient reduction with backward
     find_unused_parameters: bool = False  # DDP
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from eglp_dist.atomic import write_text_atomic
 from eglp_dist.data.labels import CLASSES, NUM_CLASSES
+from eglp_dist.data.planning import to_device
 from eglp_dist.dist import comm
 from eglp_dist.dist.engine import autocast, autocast_dtype
 from eglp_dist.errors import DataError
@@ -98,7 +99,7 @@ def iter_predictions(model: nn.Module, loader, device, autocast_dtype: Optional[
             for n, batch in enumerate(batches):
                 if max_batches is not None and n >= max_batches:
                     break
-                img = batch["img"].to(device, non_blocking=True)
+                img = to_device(batch["img"], device)
                 seg = batch.get("seg")
                 # Grad mode is thread state: keep no_grad off the yields, so the consumer
                 # runs with whatever mode it had.

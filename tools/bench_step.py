@@ -88,7 +88,9 @@ def _work(env, config, overrides, name, warmup, iters):
     from eglp_dist.config import load_config
     from eglp_dist.methods import build_method
 
-    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    from eglp_dist.dist.env import current_device
+
+    device = current_device(env)
     cfg = load_config(config, list(overrides))
     method = build_method(cfg, env, device)
     g = torch.Generator().manual_seed(env.rank)
@@ -134,7 +136,8 @@ def main(argv=None) -> int:
     default_config, variants = SUITES[a.suite]
     config = a.config or str(PACKAGE_CONFIG_ROOT / "demo" / f"{default_config}.yaml")
     names = [n for n, _ in variants]
-    by_method = {n: run_ranks(_work, a.ranks, args=(config, [*a.overrides, *extra], n, a.warmup, a.iters))
+    by_method = {n: run_ranks(_work, a.ranks, args=(config, [*a.overrides, *extra], n, a.warmup, a.iters),
+                              backend="auto")
                  for n, extra in variants}
     per_rank = [{n: by_method[n][r] for n in names} for r in range(a.ranks)]
     ref = names[0]

@@ -22,7 +22,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from eglp_dist.data.planning import Prefetcher, SampleSource, collate_segs
+from eglp_dist.data.planning import Prefetcher, SampleSource, collate_segs, to_device
 from eglp_dist.data.shards import SEG_EXT
 from eglp_dist.errors import ConfigError, DataError
 
@@ -49,7 +49,7 @@ def to_torch(tl, device: torch.device) -> torch.Tensor:
         out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=device)
         feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(device))
         return out
-    return torch.from_numpy(np.array(t)).to(device, non_blocking=True)
+    return to_device(torch.from_numpy(np.array(t)), device)
 
 
 def _train_pipeline(feed, batch_size: int, decoder: str, device_id, threads: int, crop_hw,
@@ -134,8 +134,8 @@ class DaliTrainProducer:
         plans = self.plans.pop(step)
         batch = {"img": to_torch(images, self.device), "meta": [p.meta for p in plans]}
         if self.source.with_labels:
-            batch["seg"] = collate_segs([p.seg for p in plans], tuple(batch["img"].shape[-2:]),
-                                        self.device)
+            batch["seg"], batch["classes"] = collate_segs([p.seg for p in plans],
+                                                          tuple(batch["img"].shape[-2:]), self.device)
         return batch
 
     def close(self) -> None:

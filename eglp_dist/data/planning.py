@@ -10,7 +10,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -129,23 +129,36 @@ class Prefetcher:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on ``device``. To a GPU the copy goes through pinned memory (torch's
+    caching host allocator reuses the blocks), so ``non_blocking`` really overlaps: from
+    pageable memory the copy would be synchronous whatever the flag says."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def normalise_into(out: torch.Tensor, images: Sequence[np.ndarray], mean, std) -> torch.Tensor:
     """uint8 HWC arrays -> ``out`` [B,3,H,W] (zeros = padding), normalised on out's device."""
     m = torch.tensor(mean, dtype=torch.float32, device=out.device).view(3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=out.device).view(3, 1, 1)
     for i, a in enumerate(images):
-        t = torch.from_numpy(np.ascontiguousarray(a)).to(out.device, non_blocking=True)
+        t = to_device(torch.from_numpy(np.ascontiguousarray(a)), out.device)
         t = t.permute(2, 0, 1).float().sub_(m).div_(s)
         out[i, :, : t.shape[1], : t.shape[2]] = t
     return out
 
 
-def collate_segs(segs: Sequence[np.ndarray], hw, device) -> torch.Tensor:
-    """uint8 label crops -> int64 [B,H,W] on device, padded with 255 to ``hw``."""
+def collate_segs(segs: Sequence[np.ndarray], hw, device) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """uint8 label crops -> (int64 [B,H,W] on device, padded with 255 to ``hw``; per image the
+    sorted label values present, padding included, as host tensors: ClassMix's candidates,
+    found here on the CPU so that the step never waits for the GPU to list them)."""
     out = np.full((len(segs),) + tuple(hw), 255, np.uint8)
     for i, s in enumerate(segs):
         out[i, : s.shape[0], : s.shape[1]] = s
-    return torch.from_numpy(out).to(device, non_blocking=True).long()
+    classes = [torch.from_numpy(np.flatnonzero(np.bincount(o.ravel(), minlength=256))) for o in out]
+    return to_device(torch.from_numpy(out), device).long(), classes
 
 
 def batch_hw(geoms: Sequence[Geometry]) -> tuple:

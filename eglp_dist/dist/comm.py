@@ -43,6 +43,22 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_mean_(tensors: List[torch.Tensor]) -> None:
+    """Average ``tensors`` across ranks in place, one flat message per dtype (gradients that
+    DDP's reducer did not average: see ``engine.BackwardSync``)."""
+    if not tensors or not (is_distributed() and world_size() > 1):
+        return
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    for dtype in sorted({t.dtype for t in tensors}, key=str):
+        group = [t for t in tensors if t.dtype == dtype]
+        flat = _flatten_dense_tensors(group)
+        tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
+        flat.div_(world_size())
+        for t, value in zip(group, _unflatten_dense_tensors(flat, group)):
+            t.copy_(value)
+
+
 def broadcast_tensors(tensors: List[torch.Tensor], src: int = 0) -> None:
     """Rank ``src``'s values into ``tensors`` on every rank, in place, as one flat message
     (as DDP's buffer broadcast coalesces them)."""

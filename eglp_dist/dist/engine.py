@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from types import SimpleNamespace
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
@@ -56,23 +57,20 @@ def quiet_depthwise_stride_warning() -> None:
 DS_TAG = "zero"  # DeepSpeed checkpoint tag (sub-folder) of one engine
 
 
-class MethodDispatcher(nn.Module):
-    """Routes ``forward(method, *args)`` to ``model.method(*args)``. Wrappers (DDP,
-    DeepSpeed) only instrument ``forward``; this lets a segmentor expose ``forward_train``,
-    ``encode`` etc. and still have every gradient-producing call go through the wrapper."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self.model, method)(*args, **kwargs)
-
-
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
+
+
+def apply_matmul_precision(precision: str) -> None:
+    """``tf32``: fp32 matmuls on TF32 tensor cores (Ampere and later; 10-bit mantissa inputs,
+    fp32 accumulation), as cuDNN convolutions already are by torch's default. Every other
+    setting keeps torch's default (full-precision matmuls), so ``fp32`` means what it says
+    for MiT's Linear layers. Process-wide, like the flags it sets."""
+    tf32 = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
 
 
 def autocast(device: torch.device | str, dtype: Optional[torch.dtype]):
@@ -81,6 +79,26 @@ def autocast(device: torch.device | str, dtype: Optional[torch.dtype]):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+class MethodDispatcher(nn.Module):
+    """Routes ``forward(method, *args)`` to ``model.method(*args)``, under the engine's autocast.
+
+    Wrappers (DDP, DeepSpeed) only instrument ``forward``; this lets a segmentor expose
+    ``forward_train``, ``encode`` etc. and still have every gradient-producing call go through
+    the wrapper. Autocast is entered *here*, inside the wrapper: DeepSpeed's forward
+    (``autocast_if_enabled``) turns an autocast entered outside it off unless its own
+    ``torch_autocast`` is configured (which would also reduce gradients in bf16), so a context
+    around the wrapper would make ZeRO train in fp32 while DDP trains in bf16."""
+
+    def __init__(self, model: nn.Module, device_type: str, amp_dtype: Optional[torch.dtype]):
+        super().__init__()
+        self.model = model
+        self.device_type, self.amp_dtype = device_type, amp_dtype
+
+    def forward(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        with autocast(self.device_type, self.amp_dtype):
+            return getattr(self.model, method)(*args, **kwargs)
 
 
 class Engine:
@@ -103,9 +121,11 @@ class Engine:
         self.last_step_skipped = False
         self.poison_next_backward = False  # tests: make the next loss NaN (trainer.guard)
         self._amp_dtype = autocast_dtype(cfg.precision, device)
+        apply_matmul_precision(cfg.precision)
 
     # -- forward -------------------------------------------------------------------
     def autocast(self):
+        """The engine's precision for forwards outside the wrapper (EMA teacher, frozen copies)."""
         return autocast(self.device, self._amp_dtype)
 
     @property
@@ -114,8 +134,8 @@ class Engine:
         return (self.micro_steps + 1) % self.grad_accum == 0
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        with self.autocast():
-            return self._wrapped(method, *args, **kwargs)
+        """``model.method(*args)`` through the wrapper (autocast is entered inside it)."""
+        return self._wrapped(method, *args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.call("forward", *args, **kwargs)
@@ -200,13 +220,63 @@ def _tensor_bytes(tensors: Iterable[Any]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
 
 
+class BackwardSync:
+    """Which gradient forward of an iteration gets DDP's all-reduce.
+
+    DDP reduces the gradients at every backward whose forward ran with sync on: DACS' source,
+    mixed and masked backwards would each all-reduce the whole model (3 x ~0.36 GB for
+    MiT-b5). One reduction per iteration is enough: backwards of forwards run without sync
+    only accumulate (``no_sync``), and the last one, synced, reduces the sum. The methods'
+    iterations are fixed sequences of forward -> backward pairs, so the number of gradient
+    forwards is learned from the previous iteration (the first one syncs every backward, as
+    plain DDP) and only the last of them syncs. An iteration that breaks the pattern (more or
+    fewer forwards, or a forward before the previous one's backward) ends with an explicit
+    all-reduce of the accumulated gradients instead: correct whatever the order (the synced
+    part is equal on every rank, so averaging it again changes nothing), only slower; then
+    the pattern is learned again. Every rank runs the same forwards, so every rank decides
+    alike without talking."""
+
+    def __init__(self):
+        self.expected: Optional[int] = None  # gradient forwards per iteration, once learned
+        self._reset()
+
+    def _reset(self) -> None:
+        self.forwards = self.backwards = 0
+        self.last_synced = False
+        self.in_order = True
+
+    def forward_syncs(self, boundary: bool) -> bool:
+        """Should the gradient forward about to run sync its backward?"""
+        if not boundary:  # accumulation iteration: nothing reduces
+            return False
+        return self.expected is None or self.forwards == self.expected - 1
+
+    def forward(self, synced: bool) -> None:
+        if self.backwards != self.forwards:
+            self.in_order = False
+        self.forwards += 1
+        self.last_synced = synced
+
+    def backward(self) -> None:
+        self.backwards += 1
+
+    def end_iteration(self, boundary: bool) -> bool:
+        """True when this iteration's gradients still need an explicit all-reduce."""
+        clean = self.in_order and self.backwards == self.forwards
+        explicit = boundary and self.forwards > 0 and not (clean and self.last_synced)
+        self.expected = self.forwards if clean else None
+        self._reset()
+        return explicit
+
+
 class DDPEngine(Engine):
     kind = "ddp"
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.model.to(self.device)
-        self.dispatcher = MethodDispatcher(self.model)
+        self.dispatcher = MethodDispatcher(self.model, self.device.type, self._amp_dtype)
+        self.sync = BackwardSync()
         if self.env.world_size > 1:
             quiet_depthwise_stride_warning()
             self.wrapper: nn.Module = DistributedDataParallel(
@@ -217,14 +287,27 @@ class DDPEngine(Engine):
         else:
             self.wrapper = self.dispatcher
 
+    @property
+    def _ddp(self) -> bool:
+        return isinstance(self.wrapper, DistributedDataParallel)
+
     def _wrapped(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(self.wrapper, DistributedDataParallel):
-            # What DDP.no_sync() does: skip the all-reduce on accumulation-only iterations.
-            self.wrapper.require_backward_grad_sync = self.at_boundary
+        if self._ddp and torch.is_grad_enabled():
+            # What DDP.no_sync() does, for all but the iteration's last gradient forward
+            # (and for every forward of an accumulation-only iteration).
+            synced = self.sync.forward_syncs(self.at_boundary)
+            self.wrapper.require_backward_grad_sync = synced
+            self.sync.forward(synced)
         return self.wrapper(method, *args, **kwargs)
 
     def _backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum).backward()
+        self.sync.backward()
+
+    def step(self) -> bool:
+        if self._ddp and self.sync.end_iteration(self.at_boundary):
+            comm.all_reduce_mean_([p.grad for p in self.model.parameters() if p.grad is not None])
+        return super().step()
 
     def _optimizer_step(self) -> bool:
         # After DDP's all-reduce every rank holds the same gradients (a NaN on one rank is a
@@ -247,7 +330,9 @@ class DDPEngine(Engine):
             path.mkdir(parents=True, exist_ok=True)
             torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                         "scheduler": self.scheduler.state_dict(), "micro_steps": self.micro_steps,
-                        "skipped_steps": self.skipped_steps},
+                        "skipped_steps": self.skipped_steps,
+                        # which backward syncs: part of the arithmetic (the sum's order)
+                        "backward_sync_expected": self.sync.expected},
                        path / ENGINE_FILE)
 
     def load(self, path: Path) -> None:
@@ -257,6 +342,7 @@ class DDPEngine(Engine):
         self.scheduler.load_state_dict(state["scheduler"])
         self.micro_steps = state["micro_steps"]
         self.skipped_steps = state.get("skipped_steps", 0)
+        self.sync.expected = state.get("backward_sync_expected")
 
     def optimizer_state_bytes(self) -> Dict[str, int]:
         moments = _tensor_bytes(t for s in self.optimizer.state.values() for t in s.values() if t.dim() > 0)
@@ -270,31 +356,15 @@ class DeepSpeedEngine(Engine):
         super().__init__(*args, **kwargs)
         import deepspeed
 
-        stage = {"zero1": 1, "zero2": 2}[self.cfg.kind]
-        bucket = int(self.cfg.bucket_mb * 1e6)
-        ds_config = {
-            # Batches come from our own loaders; DeepSpeed only needs a consistent triple.
-            "train_micro_batch_size_per_gpu": 1,
-            "gradient_accumulation_steps": self.grad_accum,
-            "train_batch_size": self.grad_accum * self.env.world_size,
-            "managed_gradient_accumulation": False,
-            "gradient_clipping": float(self.cfg.grad_clip or 0.0),
-            "zero_optimization": {
-                "stage": stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
-                "overlap_comm": bool(self.cfg.overlap_comm), "contiguous_gradients": True,
-                # Each rank saves its partition of the optimizer state without the alignment
-                # padding, per group: the format DeepSpeed merges and re-partitions for
-                # another number of ranks (see ``load``). Training is unchanged.
-                "elastic_checkpoint": True,
-            },
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 2 ** 31 - 1,
-            "wall_clock_breakdown": False,
-        }
+        ds_config = deepspeed_config(self.cfg, self.env.world_size)
         self.model.to(self.device)
-        self.dispatcher = MethodDispatcher(self.model)
+        self.dispatcher = MethodDispatcher(self.model, self.device.type, self._amp_dtype)
+        # DeepSpeed puts the module on cuda:LOCAL_RANK unless told the device: with one GPU per
+        # task (SLURM --gpus-per-task) that ordinal does not exist. Its accelerator follows our
+        # device (env.align_deepspeed_accelerator, at process-group start).
+        args = SimpleNamespace(device_rank=self.device.index if self.device.type == "cuda" else 0)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.dispatcher, optimizer=self.optimizer, lr_scheduler=self.scheduler,
+            args=args, model=self.dispatcher, optimizer=self.optimizer, lr_scheduler=self.scheduler,
             config=ds_config, dist_init_required=False)
 
     def _wrapped(self, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -391,6 +461,33 @@ class DeepSpeedEngine(Engine):
         moments = _tensor_bytes(t for s in inner.state.values() for t in s.values() if t.dim() > 0)
         master = _tensor_bytes(getattr(zero_opt, "single_partition_of_fp32_groups", []))
         return {"moments": moments, "master": master}
+
+
+def deepspeed_config(engine_cfg, world_size: int) -> Dict[str, Any]:
+    """The DeepSpeed config of a ZeRO-1/2 engine: fp32 parameters and optimizer state (no
+    DeepSpeed bf16/fp16 mode; autocast is ours), our own accumulation boundary."""
+    stage = {"zero1": 1, "zero2": 2}[engine_cfg.kind]
+    # DeepSpeed counts its buckets in elements; DDP's bucket_cap_mb is MiB. Gradients are fp32.
+    bucket = int(engine_cfg.bucket_mb * 2 ** 20) // 4
+    return {
+        # Batches come from our own loaders; DeepSpeed only needs a consistent triple.
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": int(engine_cfg.grad_accum),
+        "train_batch_size": int(engine_cfg.grad_accum) * world_size,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": float(engine_cfg.grad_clip or 0.0),
+        "zero_optimization": {
+            "stage": stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
+            "overlap_comm": bool(engine_cfg.overlap_comm), "contiguous_gradients": True,
+            # Each rank saves its partition of the optimizer state without the alignment
+            # padding, per group: the layout that can be re-sliced for another number of
+            # ranks (see DeepSpeedEngine.load). Training is unchanged.
+            "elastic_checkpoint": True,
+        },
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2 ** 31 - 1,
+        "wall_clock_breakdown": False,
+    }
 
 
 def _relink_optimizer_fragments(zero_opt) -> None:

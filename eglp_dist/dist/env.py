@@ -128,20 +128,78 @@ def resolve_backend(requested: str = "auto") -> str:
     return requested
 
 
+def cuda_device_index(local_rank: int, local_world_size: int, visible: int) -> int:
+    """This process's CUDA device among those it can see.
+
+    With every GPU of the node visible to every process (torchrun, the DeepSpeed launcher,
+    ``srun --gpus-per-node``) it is the local rank. With one GPU per task (``srun
+    --gpus-per-task=1``, ``--gpu-bind``) each task sees only its own, as device 0, while its
+    local rank (SLURM_LOCALID) runs 0..n-1."""
+    if visible < 1:
+        raise ConfigError("dist.backend=nccl: no CUDA device is visible to this process "
+                          "(CUDA_VISIBLE_DEVICES, or the job's GPU allocation)")
+    if local_rank < visible and visible >= local_world_size:
+        return local_rank
+    if visible == 1:
+        return 0
+    raise ConfigError(f"{local_world_size} processes on this node, and local rank {local_rank} sees {visible} "
+                      f"CUDA devices: give each process one GPU (e.g. srun --gpus-per-task=1) or each all of "
+                      f"the node's GPUs (one process per GPU)")
+
+
+def device_for_backend(env: DistEnv, backend: str) -> torch.device:
+    """NCCL ranks compute on their GPU, gloo ranks on the CPU (even on a host with GPUs)."""
+    if backend == "nccl":
+        return torch.device("cuda", cuda_device_index(env.local_rank, env.local_world_size,
+                                                      torch.cuda.device_count()))
+    return torch.device("cpu")
+
+
+def current_device(env: DistEnv) -> torch.device:
+    """The device of the process group in use (CPU when there is none)."""
+    return device_for_backend(env, str(tdist.get_backend())) if tdist.is_initialized() else torch.device("cpu")
+
+
+def align_deepspeed_accelerator(device: torch.device) -> None:
+    """Make DeepSpeed's accelerator the one our device is on.
+
+    DeepSpeed picks CUDA whenever ``torch.cuda.device_count() > 0`` and caches the choice per
+    process (at its import); a gloo run on a GPU host would then have it move modules to
+    ``cuda:LOCAL_RANK`` while the loop feeds CPU tensors. ``DS_ACCELERATOR`` decides for a
+    later import; an accelerator already chosen otherwise is replaced (before any engine)."""
+    import sys
+
+    name = "cuda" if device.type == "cuda" else "cpu"
+    os.environ["DS_ACCELERATOR"] = name
+    if "deepspeed" not in sys.modules:
+        return
+    from deepspeed.accelerator import real_accelerator
+
+    chosen = real_accelerator.ds_accelerator
+    if chosen is not None and chosen.device_name() != name:
+        if name == "cpu":
+            from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator as Accelerator
+        else:
+            from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator as Accelerator
+        real_accelerator.set_accelerator(Accelerator())
+
+
 def init_distributed(env: DistEnv, backend: str = "auto", timeout_s: int = 1800) -> torch.device:
     """Create the default process group (also for one process, so DeepSpeed and the
-    collectives have one) and return this rank's device.
+    collectives have one) and return this rank's device: that of the group in use, when one
+    exists already (a gloo group on a GPU host computes on the CPU).
 
     The launcher variables are written back to os.environ in their torchrun spelling, so that
     DeepSpeed and any library reading env:// see the same values whatever the launcher."""
-    backend = resolve_backend(backend)
-    if backend == "nccl":
-        torch.cuda.set_device(env.local_rank)
-        device = torch.device("cuda", env.local_rank)
-    else:
-        device = torch.device("cpu")
     if tdist.is_initialized():
+        device = device_for_backend(env, str(tdist.get_backend()))
+        align_deepspeed_accelerator(device)
         return device
+    backend = resolve_backend(backend)
+    device = device_for_backend(env, backend)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    align_deepspeed_accelerator(device)
     port = env.master_port
     if env.launcher == "none" and "MASTER_PORT" not in os.environ:
         port = free_port()
@@ -150,7 +208,8 @@ def init_distributed(env: DistEnv, backend: str = "auto", timeout_s: int = 1800)
         "LOCAL_WORLD_SIZE": str(env.local_world_size), "MASTER_ADDR": env.master_addr,
         "MASTER_PORT": str(port)})
     tdist.init_process_group(backend=backend, init_method="env://", rank=env.rank,
-                             world_size=env.world_size, timeout=timedelta(seconds=timeout_s))
+                             world_size=env.world_size, timeout=timedelta(seconds=timeout_s),
+                             device_id=device if device.type == "cuda" else None)
     return device
 
 

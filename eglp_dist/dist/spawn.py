@@ -39,7 +39,7 @@ def launcher_environ(style: str, rank: int, world: int, port: int) -> Dict[str, 
 
 
 def _entry(rank: int, fn: Callable, world: int, port: int, args: Sequence[Any], out_dir: str,
-           style: str) -> None:
+           style: str, backend: str = "gloo") -> None:
     for key in [k for k in os.environ if k.startswith("SLURM_")] + ["RANK", "WORLD_SIZE", "MASTER_PORT"]:
         os.environ.pop(key, None)
     os.environ.update(launcher_environ(style, rank, world, port))
@@ -50,7 +50,7 @@ def _entry(rank: int, fn: Callable, world: int, port: int, args: Sequence[Any], 
     from eglp_dist.dist.env import detect_env, exit_without_finalizers, init_distributed, shutdown
 
     env = detect_env(local_rank_arg=rank if style == "deepspeed" else None)
-    init_distributed(env, backend="gloo", timeout_s=120)
+    init_distributed(env, backend=backend, timeout_s=120)
     try:
         result = fn(env, *args)
         payload = ("ok", result)
@@ -75,10 +75,13 @@ def slurm_port() -> int:
     raise RuntimeError("no free port in 25000-35000")
 
 
-def run_ranks(fn: Callable, world_size: int = 2, args: Sequence[Any] = (), style: str = "torchrun") -> List[Any]:
+def run_ranks(fn: Callable, world_size: int = 2, args: Sequence[Any] = (), style: str = "torchrun",
+              backend: str = "gloo") -> List[Any]:
+    """``fn(env, *args)`` on ``world_size`` fresh processes forming one group (``backend``:
+    gloo, or nccl / auto where GPUs are); the list of their results, rank order."""
     port = slurm_port() if style == "slurm" else free_port()
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_entry, args=(fn, world_size, port, tuple(args), out_dir, style),
+        mp.start_processes(_entry, args=(fn, world_size, port, tuple(args), out_dir, style, backend),
                            nprocs=world_size, start_method="spawn", join=True)
         results = []
         for r in range(world_size):

@@ -27,9 +27,10 @@ Deliberate differences:
    zero connected to ``feat`` keeps every rank's backward identical and contributes zero
    gradients. The formula has no data-dependent branch (no ``if mask.any()``), so every rank
    runs the same operations whatever its labels.
-2. ``downscale_label_ratio`` counts labels with ``bincount`` instead of a (B, K+1, H, W) float
-   one-hot (same counts, same float32 ratio ``count / scale**2`` compared with ``min_ratio``,
-   same tie rule), which saves ~K times the label's memory at 1024x1024.
+2. ``downscale_label_ratio`` counts labels with a scatter-add into (cell, class) bins instead
+   of a (B, K+1, H, W) float one-hot (same counts, same float32 ratio ``count / scale**2``
+   compared with ``min_ratio``, same tie rule), which saves ~K times the label's memory at
+   1024x1024, and with no host sync on a GPU (``bincount`` would read the max).
 3. ``scale == 1`` is allowed (the label is kept, cells of one pixel); DAFormer asserts > 1.
 """
 from __future__ import annotations
@@ -75,18 +76,31 @@ def downscale_label_ratio(seg: Tensor, scale: int, min_ratio: float, num_classes
     k1 = num_classes + 1
     lab = seg[:, :oh * scale, :ow * scale].long()
     lab = torch.where(lab == ignore_index, torch.full_like(lab, num_classes), lab)
-    if bool(((lab < 0) | (lab > num_classes)).any()):
-        raise ValueError(f"labels must lie in [0, {num_classes}) or be {ignore_index}")
+    check_labels(lab, num_classes, f"labels must lie in [0, {num_classes}) or be {ignore_index}")
     # flat bin per (image, output cell, class)
     cell = ((torch.arange(oh * scale, device=lab.device) // scale)[:, None] * ow
             + (torch.arange(ow * scale, device=lab.device) // scale)[None, :])          # (h', w')
     img = torch.arange(b, device=lab.device)[:, None, None] * (oh * ow)
     flat = ((img + cell[None]) * k1 + lab).flatten()
-    counts = torch.bincount(flat, minlength=b * oh * ow * k1).view(b, oh, ow, k1)
+    # scatter-add, not bincount: CUDA's bincount reads the input's max on the host (a sync)
+    counts = torch.zeros(b * oh * ow * k1, dtype=torch.long, device=lab.device)
+    counts = counts.index_add_(0, flat, torch.ones_like(flat)).view(b, oh, ow, k1)
     ratio = counts.to(torch.float32) / float(scale * scale)                            # avg_pool2d
     best_ratio, best = ratio.max(dim=-1)                                                # first on ties
     out = torch.where(best == num_classes, torch.full_like(best, ignore_index), best)
     return torch.where(best_ratio < min_ratio, torch.full_like(out, ignore_index), out)
+
+
+def check_labels(lab: Tensor, num_classes: int, message: str) -> None:
+    """Labels in [0, num_classes] (K = the ignore class here), without a host sync on a GPU:
+    a ValueError on CPU, a device-side assert on CUDA (raised at the next sync, with the
+    message)."""
+    bad = (lab < 0) | (lab > num_classes)
+    if lab.device.type == "cpu":
+        if bool(bad.any()):
+            raise ValueError(message)
+    else:
+        torch._assert_async(~bad.any(), message)
 
 
 def feature_distance_loss(feat: Tensor, feat_ref: Tensor, seg: Tensor,

@@ -57,7 +57,9 @@ def pixel_accuracy(logits: torch.Tensor, seg: torch.Tensor, ignore_index: int = 
     with torch.no_grad():
         pred = resize(logits.float(), seg.shape[-2:]).argmax(1)
         valid = seg != ignore_index
-        return (pred[valid] == seg[valid]).float().mean().nan_to_num(0.0) * 100
+        # counts, not boolean indexing: a mask index needs the count on the host (a GPU sync)
+        correct = ((pred == seg) & valid).sum().float()
+        return correct / valid.sum().clamp_min(1).float() * 100
 
 
 class Segmentor(nn.Module):
