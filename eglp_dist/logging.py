@@ -114,7 +114,10 @@ class Monitor:
         check_same_keys(keys)
         values = {}
         if keys:
-            vec = torch.stack([self._sums[k].reshape(()) for k in keys])
+            # one vector on the backend's device (some values are host counters, most are on
+            # the GPU: stack cannot mix devices, NCCL reduces CUDA tensors only)
+            device = comm.backend_device()
+            vec = torch.stack([self._sums[k].reshape(()).to(device) for k in keys])
             vec = comm.all_reduce_sum(vec) / (comm.world_size() * max(self._steps, 1))
             values = dict(zip(keys, vec.tolist()))
         now = time.perf_counter()

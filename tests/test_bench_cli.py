@@ -7,6 +7,7 @@ import sys
 import pytest
 
 
+@pytest.mark.slow  # ~20 s of 2-core time for a CLI smoke test: `make test-all` (what CI runs)
 def test_bench_step_through_the_cli():
     proc = subprocess.run(
         [sys.executable, "-m", "eglp_dist", "bench", "step", "--ranks", "2", "--iters", "1", "--warmup", "0",

@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow  # ~45 s of 2-core time: `make test-all` (what CI runs)
+@pytest.mark.slow  # ~1.5-2.5 min of 2-core time: `make test-all` (what CI runs)
 def test_gpu_check_dry_run_runs_every_check_and_names_what_it_skipped(tmp_path):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--dry-run", "--out", str(tmp_path)],
@@ -20,6 +20,9 @@ def test_gpu_check_dry_run_runs_every_check_and_names_what_it_skipped(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["dry_run"] is True
     assert {r["loader"] for r in report["decode"]} >= {"dali (cpu)", "pil"}
+    # the real loop, 1 and 2 ranks: trained, evaluated, checkpointed, resumed
+    assert [r["world"] for r in report["train_loop"]] == [1, 2]
+    assert all(r["ok"] and r["mIoU"] is not None for r in report["train_loop"])
     rows = {(r["method"], r["engine"], r["precision"], r["world"]): r for r in report["step"] + report["precision"]
             + report["nccl2"]}
     for method in ("uda", "pig", "eglp"):

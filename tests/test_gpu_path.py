@@ -242,7 +242,7 @@ def test_label_downscaling_by_scatter_add_equals_bincount():
         downscale_label_ratio(torch.full((1, 8, 8), 7), 4, 0.5, num_classes=5)
 
 
-def test_classmix_with_the_loaders_candidates_draws_the_same_masks():
+def test_classmix_with_the_loaders_counts_draws_the_same_masks():
     import numpy as np
 
     from eglp_dist.data.planning import collate_segs
@@ -251,13 +251,89 @@ def test_classmix_with_the_loaders_candidates_draws_the_same_masks():
     rng = np.random.default_rng(0)
     crops = [rng.integers(0, 19, (24, 32)).astype(np.uint8), np.full((16, 32), 3, np.uint8)]
     crops[0][rng.random((24, 32)) < 0.1] = 255
-    seg, classes = collate_segs(crops, (24, 32), "cpu")  # the second is padded with 255
-    for img, cls in zip(seg, classes):
-        assert cls.device.type == "cpu" and torch.equal(cls, torch.unique(img))
+    seg, counts = collate_segs(crops, (24, 32), "cpu")  # the second is padded with 255
+    assert counts.device.type == "cpu" and counts.shape == (2, 256)
+    for img, n in zip(seg, counts):
+        assert torch.equal(torch.nonzero(n).flatten(), torch.unique(img))
+        assert torch.equal(n, torch.bincount(img.flatten(), minlength=256))
     for seed in range(5):
         a = class_masks(seg, torch.Generator().manual_seed(seed))
-        b = class_masks(seg, torch.Generator().manual_seed(seed), classes)
+        b = class_masks(seg, torch.Generator().manual_seed(seed), counts)
         assert torch.equal(a, b)
+
+
+def _rcm_reference_add(bank, images, segs, night, generator):
+    """The bank's store step as it was written before it was made sync-free (``nonzero`` on
+    the labels, device reads of the ring state): the reference the new one must equal."""
+    p, half = bank.patch, bank.patch // 2
+    counts = torch.stack([(segs == c).flatten(1).sum(1) for c in bank.classes], 1)
+    pad_img = torch.nn.functional.pad(images, (half, p - half, half, p - half))
+    pad_seg = torch.nn.functional.pad(segs, (half, p - half, half, p - half), value=255)
+    for i in range(images.shape[0]):
+        for j, c in enumerate(bank.classes):
+            if counts[i, j] < bank.min_pixels:
+                continue
+            ys, xs = (segs[i] == c).nonzero(as_tuple=True)
+            pick = int(torch.randint(len(ys), (1,), generator=generator))
+            y, x = int(ys[pick]), int(xs[pick])
+            slot = int(bank.next[j])
+            bank.images[j, slot] = pad_img[i, :, y:y + p, x:x + p]
+            bank.masks[j, slot] = pad_seg[i, y:y + p, x:x + p] == c
+            bank.night[j, slot] = night
+            bank.next[j] = (slot + 1) % bank.capacity
+            bank.filled[j] = min(int(bank.filled[j]) + 1, bank.capacity)
+
+
+def _rcm_reference_paste(bank, images, segs, weights, per_image, generator):
+    """The paste step with boolean-mask assignments, as it was (no night shift)."""
+    images, segs, weights = images.clone(), segs.clone(), weights.clone()
+    b, _, h, w = images.shape
+    p = bank.patch
+    pasted = torch.zeros(b, h, w, dtype=torch.bool)
+    banks = [j for j in range(len(bank.classes)) if int(bank.filled[j]) > 0]
+    for i in range(b):
+        for _ in range(per_image):
+            j = banks[int(torch.randint(len(banks), (1,), generator=generator))]
+            e = int(torch.randint(int(bank.filled[j]), (1,), generator=generator))
+            y = int(torch.randint(h - p + 1, (1,), generator=generator))
+            x = int(torch.randint(w - p + 1, (1,), generator=generator))
+            patch, mask = bank.images[j, e], bank.masks[j, e]
+            region = images[i, :, y:y + p, x:x + p]
+            region[:, mask] = patch[:, mask]
+            segs[i, y:y + p, x:x + p][mask] = bank.classes[j]
+            weights[i, y:y + p, x:x + p][mask] = 1.0
+            pasted[i, y:y + p, x:x + p] |= mask
+    return images, segs, weights, pasted
+
+
+def test_rare_class_memory_without_host_syncs_stores_and_pastes_the_same():
+    from eglp_dist.eglp.rcm import RareClassMemory, label_counts
+
+    g = torch.Generator().manual_seed(3)
+    segs = torch.randint(0, 19, (3, 40, 56), generator=g)
+    segs[:, 10:20, 5:30] = 13  # enough of a rare class to store
+    segs[1, :8] = 255
+    images = torch.randn(3, 3, 40, 56, generator=g)
+    banks = [RareClassMemory([13, 6, 17], capacity=4, patch=8, min_pixels=20, num_classes=19) for _ in range(3)]
+    gens = [torch.Generator().manual_seed(9) for _ in range(3)]
+    for step in range(3):  # wraps the ring (capacity 4)
+        night = step % 2 == 1
+        _rcm_reference_add(banks[0], images, segs, night, gens[0])
+        banks[1].add(images, segs, night, gens[1])  # counts from the device (fallback)
+        banks[2].add(images, segs, night, gens[2], counts=label_counts(segs))  # from the loader
+    for other in banks[1:]:
+        for k, v in banks[0].state_dict().items():
+            assert torch.equal(other.state_dict()[k], v), k
+    assert banks[0].filled.sum() > 0
+    target = torch.randn(3, 3, 40, 56, generator=g)
+    labels = torch.randint(0, 19, (3, 40, 56), generator=g)
+    weights = torch.rand(3, 40, 56, generator=g)
+    want = _rcm_reference_paste(banks[0], target, labels, weights, 2, torch.Generator().manual_seed(5))
+    assert want[3].any()
+    for bank in banks[1:]:
+        got = bank.paste(target, labels, weights, 2, torch.Generator().manual_seed(5))
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
 
 
 # -- 5: TF32 as a precision ----------------------------------------------------------------

@@ -134,7 +134,7 @@ class DaliTrainProducer:
         plans = self.plans.pop(step)
         batch = {"img": to_torch(images, self.device), "meta": [p.meta for p in plans]}
         if self.source.with_labels:
-            batch["seg"], batch["classes"] = collate_segs([p.seg for p in plans],
+            batch["seg"], batch["label_counts"] = collate_segs([p.seg for p in plans],
                                                           tuple(batch["img"].shape[-2:]), self.device)
         return batch
 

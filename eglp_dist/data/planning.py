@@ -150,15 +150,16 @@ def normalise_into(out: torch.Tensor, images: Sequence[np.ndarray], mean, std) -
     return out
 
 
-def collate_segs(segs: Sequence[np.ndarray], hw, device) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    """uint8 label crops -> (int64 [B,H,W] on device, padded with 255 to ``hw``; per image the
-    sorted label values present, padding included, as host tensors: ClassMix's candidates,
-    found here on the CPU so that the step never waits for the GPU to list them)."""
+def collate_segs(segs: Sequence[np.ndarray], hw, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """uint8 label crops -> (int64 [B,H,W] on device, padded with 255 to ``hw``; (B, 256) host
+    pixel counts per label value, padding included). The counts are taken here on the CPU, so
+    the step never waits for the GPU to list a crop's classes (ClassMix's candidates) or to
+    count them (the rare-class memory)."""
     out = np.full((len(segs),) + tuple(hw), 255, np.uint8)
     for i, s in enumerate(segs):
         out[i, : s.shape[0], : s.shape[1]] = s
-    classes = [torch.from_numpy(np.flatnonzero(np.bincount(o.ravel(), minlength=256))) for o in out]
-    return to_device(torch.from_numpy(out), device).long(), classes
+    counts = torch.from_numpy(np.stack([np.bincount(o.ravel(), minlength=256) for o in out]).astype(np.int64))
+    return to_device(torch.from_numpy(out), device).long(), counts
 
 
 def batch_hw(geoms: Sequence[Geometry]) -> tuple:

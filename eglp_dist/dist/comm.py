@@ -30,17 +30,34 @@ def backend() -> str:
     return str(tdist.get_backend()) if is_distributed() else "none"
 
 
+def backend_device() -> torch.device:
+    """Where the backend reduces: this rank's GPU under NCCL, the CPU under gloo."""
+    if backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _reduce(tensor: torch.Tensor, op) -> torch.Tensor:
+    """In place, whatever device ``tensor`` is on: NCCL reduces CUDA tensors only, so a host
+    tensor (a counter, a flag, a log value) goes through the GPU and back; every caller can
+    hand over what it holds, on gloo and NCCL alike."""
+    if not (is_distributed() and world_size() > 1):
+        return tensor
+    device = backend_device()
+    work = tensor if tensor.device == device else tensor.to(device)
+    tdist.all_reduce(work, op=op)
+    if work is not tensor:
+        tensor.copy_(work)
+    return tensor
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """In-place SUM across ranks; returns the tensor. Integer tensors stay exact."""
-    if is_distributed() and world_size() > 1:
-        tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
-    return tensor
+    return _reduce(tensor, tdist.ReduceOp.SUM)
 
 
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
-    if is_distributed() and world_size() > 1:
-        tdist.all_reduce(tensor, op=tdist.ReduceOp.MAX)
-    return tensor
+    return _reduce(tensor, tdist.ReduceOp.MAX)
 
 
 def all_reduce_mean_(tensors: List[torch.Tensor]) -> None:
@@ -52,8 +69,7 @@ def all_reduce_mean_(tensors: List[torch.Tensor]) -> None:
 
     for dtype in sorted({t.dtype for t in tensors}, key=str):
         group = [t for t in tensors if t.dtype == dtype]
-        flat = _flatten_dense_tensors(group)
-        tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
+        flat = _reduce(_flatten_dense_tensors(group), tdist.ReduceOp.SUM)
         flat.div_(world_size())
         for t, value in zip(group, _unflatten_dense_tensors(flat, group)):
             t.copy_(value)
@@ -68,7 +84,7 @@ def broadcast_tensors(tensors: List[torch.Tensor], src: int = 0) -> None:
 
     for dtype in sorted({t.dtype for t in tensors}, key=str):
         group = [t for t in tensors if t.dtype == dtype]
-        flat = _flatten_dense_tensors([t.detach() for t in group])
+        flat = _flatten_dense_tensors([t.detach() for t in group]).to(backend_device())
         tdist.broadcast(flat, src=src)
         for t, value in zip(group, _unflatten_dense_tensors(flat, group)):
             t.data.copy_(value)

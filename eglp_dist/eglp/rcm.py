@@ -28,7 +28,19 @@ import torch
 from torch import Tensor
 
 
+def label_counts(segs: Tensor) -> Tensor:
+    """(B, 256) pixels per label value of (B, H, W) uint8-range labels, on their device."""
+    b = segs.shape[0]
+    flat = (torch.arange(b, device=segs.device)[:, None] * 256 + segs.reshape(b, -1).long()).reshape(-1)
+    return torch.zeros(b * 256, dtype=torch.long, device=segs.device).index_add_(
+        0, flat, torch.ones_like(flat)).view(b, 256)
+
+
 class RareClassMemory:
+    """The bank's images and masks live on the training device; its bookkeeping (ring
+    positions, fill counts, day/night flags) on the host, so that choosing, storing and
+    pasting never wait for the GPU: every index is a host integer or a device tensor."""
+
     def __init__(self, classes: Sequence[int], capacity: int, patch: int, min_pixels: int,
                  num_classes: int, device="cpu"):
         self.classes = [int(c) for c in classes]
@@ -36,31 +48,41 @@ class RareClassMemory:
         n = len(self.classes)
         self.images = torch.zeros(n, capacity, 3, patch, patch, device=device)
         self.masks = torch.zeros(n, capacity, patch, patch, dtype=torch.bool, device=device)
-        self.night = torch.zeros(n, capacity, dtype=torch.bool, device=device)
-        self.filled = torch.zeros(n, dtype=torch.long, device=device)  # entries in use
-        self.next = torch.zeros(n, dtype=torch.long, device=device)  # ring position
+        self.night = torch.zeros(n, capacity, dtype=torch.bool)  # host
+        self.filled = torch.zeros(n, dtype=torch.long)  # entries in use (host)
+        self.next = torch.zeros(n, dtype=torch.long)  # ring position (host)
         # confidence sums of the teacher per class (sum of max prob, count), reduced
         self.conf = torch.zeros(2, num_classes, dtype=torch.float64, device=device)
 
     # -- bank ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def add(self, images: Tensor, segs: Tensor, night: bool, generator: torch.Generator) -> None:
-        """Store one window per (image, rare class with >= min_pixels)."""
+    def add(self, images: Tensor, segs: Tensor, night: bool, generator: torch.Generator,
+            counts: Optional[Tensor] = None) -> None:
+        """Store one window per (image, rare class with >= min_pixels), centred on a random
+        pixel of the class (the ``pick``-th in row-major order, ``pick`` drawn from the count).
+
+        ``counts``: (B, 256) host pixel counts per label value (the loader's
+        ``batch["label_counts"]``); without them they are counted on the device and read
+        back (one host sync)."""
         p, half = self.patch, self.patch // 2
         b, _, h, w = images.shape
-        counts = torch.stack([(segs == c).flatten(1).sum(1) for c in self.classes], 1).cpu()  # (B, n)
+        if counts is None:
+            counts = label_counts(segs).cpu()
         pad_img = torch.nn.functional.pad(images, (half, p - half, half, p - half))
         pad_seg = torch.nn.functional.pad(segs, (half, p - half, half, p - half), value=255)
+        offsets = torch.arange(p, device=images.device)
         for i in range(b):
             for j, c in enumerate(self.classes):
-                if counts[i, j] < self.min_pixels:
+                n = int(counts[i, c])
+                if n < self.min_pixels:
                     continue
-                ys, xs = (segs[i] == c).nonzero(as_tuple=True)
-                pick = int(torch.randint(len(ys), (1,), generator=generator))
-                y, x = int(ys[pick]), int(xs[pick])
+                pick = int(torch.randint(n, (1,), generator=generator))
+                # the pick-th class-c pixel, found on the device (no nonzero: no sync)
+                pos = torch.searchsorted((segs[i] == c).flatten().cumsum(0), pick + 1)
+                rows, cols = (pos // w) + offsets, (pos % w) + offsets
                 slot = int(self.next[j])
-                self.images[j, slot] = pad_img[i, :, y:y + p, x:x + p]
-                self.masks[j, slot] = pad_seg[i, y:y + p, x:x + p] == c
+                self.images[j, slot] = pad_img[i][:, rows[:, None], cols[None, :]]
+                self.masks[j, slot] = pad_seg[i][rows[:, None], cols[None, :]] == c
                 self.night[j, slot] = night
                 self.next[j] = (slot + 1) % self.capacity
                 self.filled[j] = min(int(self.filled[j]) + 1, self.capacity)
@@ -89,11 +111,14 @@ class RareClassMemory:
                 patch, mask = self.images[j, e], self.masks[j, e]
                 if night_shift is not None and not bool(self.night[j, e]):
                     patch = to_night(patch, night_shift[self.classes[j]], mean, std)
+                # where(), not mask indexing: a boolean index needs its count on the host
                 region = images[i, :, y:y + p, x:x + p]
-                region[:, mask] = patch[:, mask]
-                segs[i, y:y + p, x:x + p][mask] = self.classes[j]
+                region.copy_(torch.where(mask, patch, region))
+                labels = segs[i, y:y + p, x:x + p]
+                labels.copy_(torch.where(mask, torch.full_like(labels, self.classes[j]), labels))
                 if weights is not None:
-                    weights[i, y:y + p, x:x + p][mask] = 1.0
+                    wr = weights[i, y:y + p, x:x + p]
+                    wr.copy_(torch.where(mask, torch.ones_like(wr), wr))
                 pasted[i, y:y + p, x:x + p] |= mask
         return images, segs, weights, pasted
 

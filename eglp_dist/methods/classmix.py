@@ -27,30 +27,31 @@ Deliberate differences:
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 
-def _chosen_classes(seg_b: Tensor, generator: torch.Generator, candidates: Optional[Tensor] = None) -> Tensor:
+def _chosen_classes(seg_b: Tensor, generator: torch.Generator, counts: Optional[Tensor] = None) -> Tensor:
     """The values of ``seg_b`` (one image) picked for pasting, on ``seg_b``'s device.
 
-    ``candidates``: the image's label values, sorted, as a *host* tensor the loader computed
-    beside the batch (``batch["classes"]``); then nothing here waits for the GPU: their count
-    is known on the host and the pick is indexed on the device. Without them
-    ``torch.unique`` finds them on the device (one host sync per image: its output size)."""
-    if candidates is None:
+    ``counts``: the image's (256,) pixel counts per label value as a *host* tensor the loader
+    computed beside the batch (``batch["label_counts"]``); then nothing here waits for the
+    GPU: the candidates and their number are known on the host and the pick is indexed on
+    the device. Without them ``torch.unique`` finds them on the device (one host sync per
+    image: its output size)."""
+    if counts is None:
         classes = torch.unique(seg_b)                   # sorted candidates, ignore value included
     else:
-        classes = candidates.to(seg_b.device, non_blocking=True)
+        classes = torch.nonzero(counts).flatten().to(seg_b.device, non_blocking=True)
     n = int(classes.numel())
     k = (n + n % 2) // 2                                # half, rounded up (DAFormer)
     perm = torch.randperm(n, generator=generator, device=generator.device)[:k]
     return classes[perm.to(classes.device)]
 
 
-def class_masks(seg: Tensor, generator: torch.Generator, classes: Optional[Sequence[Tensor]] = None) -> Tensor:
+def class_masks(seg: Tensor, generator: torch.Generator, counts: Optional[Tensor] = None) -> Tensor:
     """ClassMix masks: per image, 1 on the pixels of a random half (rounded up) of its classes.
 
     Args:
@@ -58,8 +59,8 @@ def class_masks(seg: Tensor, generator: torch.Generator, classes: Optional[Seque
             DAFormer). (B, 1, H, W) is accepted too.
         generator: the method's generator; ``B`` calls of ``torch.randperm`` are drawn from it,
             in image order.
-        classes: optional, per image the sorted label values present (the loader's
-            ``batch["classes"]``, host tensors): the same masks, without host syncs.
+        counts: optional (B, 256) host pixel counts per label value (the loader's
+            ``batch["label_counts"]``): the same masks, without host syncs.
 
     Returns:
         (B, 1, H, W) float32 mask on ``seg``'s device; 1 = take the source pixel.
@@ -72,7 +73,7 @@ def class_masks(seg: Tensor, generator: torch.Generator, classes: Optional[Seque
         raise ValueError(f"seg must be (B, H, W), got shape {tuple(seg.shape)}")
     masks = []
     for b in range(seg.shape[0]):
-        chosen = _chosen_classes(seg[b], generator, None if classes is None else classes[b])
+        chosen = _chosen_classes(seg[b], generator, None if counts is None else counts[b])
         masks.append(torch.isin(seg[b], chosen))
     return torch.stack(masks).unsqueeze(1).to(torch.float32)
 

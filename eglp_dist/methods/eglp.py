@@ -146,8 +146,9 @@ class EGLP(PIG):
         if self.rcm is None:
             return
         src, prompt = s.batches["source"], s.batches["prompt"]
-        self.rcm.add(src["img"], src["seg"], night=False, generator=self.generator)
-        self.rcm.add(prompt["img"], prompt["seg"], night=True, generator=self.generator)
+        self.rcm.add(src["img"], src["seg"], night=False, generator=self.generator, counts=src.get("label_counts"))
+        self.rcm.add(prompt["img"], prompt["seg"], night=True, generator=self.generator,
+                     counts=prompt.get("label_counts"))
         s.mixed_img, s.mixed_seg, s.mixed_weight, pasted = self.rcm.paste(
             s.mixed_img, s.mixed_seg, s.mixed_weight, self.cfg.method.eglp.rcm.paste_per_image,
             self.generator, self.night_shift(), self.mean, self.std)

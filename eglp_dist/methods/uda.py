@@ -125,7 +125,7 @@ class UDA(Method):
         """ClassMix of source classes onto the target (labels and weights by the same mask)."""
         src, tgt = s.batches["source"], s.batches["target"]
         if self.cfg.method.mix.enabled:
-            mask = class_masks(src["seg"], self.generator, src.get("classes")).to(src["img"].device)
+            mask = class_masks(src["seg"], self.generator, src.get("label_counts")).to(src["img"].device)
             s.mixed_img = mix(mask, src["img"], tgt["img"])
             s.mixed_seg = mix(mask, src["seg"], s.plabel)
             s.mixed_weight = mix(mask, torch.ones_like(s.pweight), s.pweight)
