@@ -18,6 +18,7 @@ import torch
 from eglp_dist.data.augment import Augmenter, Geometry
 from eglp_dist.data.codecs import BadSample, decode_seg
 from eglp_dist.data.config import shard_folders
+from eglp_dist.device_constants import constant
 from eglp_dist.data.sampling import Pick, build_sampler, min_class_pixels
 from eglp_dist.data.shards import SEG_EXT, image_ext, open_shards
 from eglp_dist.errors import ConfigError, DataError
@@ -141,8 +142,8 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
 
 def normalise_into(out: torch.Tensor, images: Sequence[np.ndarray], mean, std) -> torch.Tensor:
     """uint8 HWC arrays -> ``out`` [B,3,H,W] (zeros = padding), normalised on out's device."""
-    m = torch.tensor(mean, dtype=torch.float32, device=out.device).view(3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=out.device).view(3, 1, 1)
+    m = constant(list(mean), out.device, torch.float32, (3, 1, 1))
+    s = constant(list(std), out.device, torch.float32, (3, 1, 1))
     for i, a in enumerate(images):
         t = to_device(torch.from_numpy(np.ascontiguousarray(a)), out.device)
         t = t.permute(2, 0, 1).float().sub_(m).div_(s)

@@ -193,6 +193,8 @@ def init_distributed(env: DistEnv, backend: str = "auto", timeout_s: int = 1800)
     DeepSpeed and any library reading env:// see the same values whatever the launcher."""
     if tdist.is_initialized():
         device = device_for_backend(env, str(tdist.get_backend()))
+        if device.type == "cuda":  # object collectives and comm.backend_device use the current one
+            torch.cuda.set_device(device)
         align_deepspeed_accelerator(device)
         return device
     backend = resolve_backend(backend)

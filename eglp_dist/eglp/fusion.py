@@ -14,6 +14,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from eglp_dist.device_constants import class_mask, to_device_async
+
 
 def top_k_classes(scores: Tensor, k: int) -> Tensor:
     """(B, K) scores (larger = less similar; 0 = class absent) -> (B, K) bool: each image's
@@ -29,9 +31,7 @@ def fuse_labels(uda: Tensor, night: Tensor, selected: Tensor, protected: Sequenc
     (B, H, W) label: NFNet's where it predicts a selected class and UDA's is not protected."""
     b, k = selected.shape
     take = selected.gather(1, night.reshape(b, -1).clamp(0, k - 1)).view_as(night)
-    prot = torch.zeros(256, dtype=torch.bool, device=uda.device)
-    if len(protected):
-        prot[torch.as_tensor(list(protected), device=uda.device)] = True
+    prot = class_mask(protected, 256, uda.device)
     take = take & (night < k) & ~prot[uda.clamp(0, 255)]
     return torch.where(take, night, uda)
 
@@ -43,9 +43,7 @@ def fis_classes(dnis: Tensor, seen: Tensor, mode: str, k: int, threshold: float,
     """(K,) bool: the classes whose pseudo-label NFNet gives (EGLP's FIS): the ``k`` seen,
     unprotected classes of lowest DNIS (``bottom_k``) or every seen, unprotected class with
     DNIS < ``threshold``; protected classes stay the UDA teacher's."""
-    allowed = seen.clone()
-    if len(protected):
-        allowed[torch.as_tensor(list(protected), device=seen.device)] = False
+    allowed = seen & ~class_mask(protected, seen.numel(), seen.device)
     if mode == "bottom_k":
         score = torch.where(allowed, dnis, torch.full_like(dnis, float("inf")))
         idx = score.topk(min(k, int(score.numel())), largest=False).indices
@@ -67,9 +65,7 @@ def dms_weights(dnis: Tensor, seen: Tensor, gamma: float, max_weight: float,
     rel = ((hi - dnis) / (hi - lo).clamp(min=1e-6)).clamp(0, 1)
     w = rel.pow(gamma) * max_weight
     w = torch.where(seen, w, torch.zeros_like(w))
-    if len(protected):
-        w[torch.as_tensor(list(protected), device=w.device)] = 0
-    return w
+    return torch.where(class_mask(protected, w.numel(), w.device), torch.zeros_like(w), w)
 
 
 def mix_probabilities(p_uda: Tensor, p_night: Tensor, weights: Tensor) -> Tensor:
@@ -85,7 +81,7 @@ def prompt_class_masks(prompt_seg: Tensor, weights: Tensor, rate: float, generat
     Each class present in a prompt crop is taken with probability ``rate * w_c`` (DMS: more
     prompt content of the classes NFNet is trusted with, i.e. of low DNIS)."""
     b, k = prompt_seg.shape[0], weights.numel()
-    draw = torch.rand(b, k, generator=generator).to(weights.device)
+    draw = to_device_async(torch.rand(b, k, generator=generator), weights.device)
     take = draw < (rate * weights).view(1, k)
     seg = prompt_seg.clamp(0, k)  # 255 -> k (never taken)
     take = torch.cat([take, torch.zeros(b, 1, dtype=torch.bool, device=take.device)], 1)

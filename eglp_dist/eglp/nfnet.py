@@ -13,14 +13,15 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from eglp_dist.device_constants import to_device_async
+
 
 def half_masks(batch: int, height: int, width: int, generator: torch.Generator, device) -> Tensor:
     """(B, 1, H, W) bool: the left half (columns < W//2) or the right half, per image."""
-    right = torch.rand(batch, generator=generator) < 0.5
-    cols = torch.arange(width).view(1, 1, 1, width)
-    left_half = cols < width // 2
+    right = to_device_async(torch.rand(batch, generator=generator) < 0.5, device)
+    left_half = torch.arange(width, device=device).view(1, 1, 1, width) < width // 2
     mask = torch.where(right.view(batch, 1, 1, 1), ~left_half, left_half)
-    return mask.expand(batch, 1, height, width).to(device)
+    return mask.expand(batch, 1, height, width)
 
 
 def dark_mix(prompt_img: Tensor, prompt_seg: Tensor, tgt_img: Tensor, tgt_label: Tensor,

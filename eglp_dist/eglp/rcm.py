@@ -27,6 +27,8 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from eglp_dist.device_constants import class_mask, constant
+
 
 def label_counts(segs: Tensor) -> Tensor:
     """(B, 256) pixels per label value of (B, H, W) uint8-range labels, on their device."""
@@ -139,8 +141,7 @@ class RareClassMemory:
         mean confidence on them (where it has labelled any)."""
         mean_conf = self.conf[0] / self.conf[1].clamp(min=1)
         out = torch.full((self.k,), float(threshold), dtype=torch.float32, device=self.conf.device)
-        rare = torch.zeros(self.k, dtype=torch.bool, device=self.conf.device)
-        rare[self.classes] = True
+        rare = class_mask(self.classes, self.k, self.conf.device)
         lowered = torch.minimum(out, mean_conf.float())
         return torch.where(rare & (self.conf[1] > 0), lowered, out)
 
@@ -156,8 +157,8 @@ class RareClassMemory:
 def to_night(patch: Tensor, shift: Tensor, mean, std) -> Tensor:
     """A normalised (3, P, P) day patch moved by ``shift`` (3,) in log intensity
     (log(1 + v) / log 256, as DNIS measures it), i.e. each channel scaled towards night."""
-    m = torch.tensor(mean, device=patch.device).view(3, 1, 1)
-    s = torch.tensor(std, device=patch.device).view(3, 1, 1)
+    m = constant(list(mean), patch.device, torch.float32, (3, 1, 1))
+    s = constant(list(std), patch.device, torch.float32, (3, 1, 1))
     v = (patch * s + m).clamp(0, 255)
     logv = torch.log1p(v) / math.log(256.0) + shift.to(patch).view(3, 1, 1)
     v = torch.expm1(logv.clamp(0, 1) * math.log(256.0))

@@ -32,6 +32,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from eglp_dist.device_constants import to_device_async
+
 
 def _chosen_classes(seg_b: Tensor, generator: torch.Generator, counts: Optional[Tensor] = None) -> Tensor:
     """The values of ``seg_b`` (one image) picked for pasting, on ``seg_b``'s device.
@@ -48,7 +50,7 @@ def _chosen_classes(seg_b: Tensor, generator: torch.Generator, counts: Optional[
     n = int(classes.numel())
     k = (n + n % 2) // 2                                # half, rounded up (DAFormer)
     perm = torch.randperm(n, generator=generator, device=generator.device)[:k]
-    return classes[perm.to(classes.device)]
+    return classes[to_device_async(perm, classes.device)]
 
 
 def class_masks(seg: Tensor, generator: torch.Generator, counts: Optional[Tensor] = None) -> Tensor:

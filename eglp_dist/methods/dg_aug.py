@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from eglp_dist.device_constants import constant, to_device_async
 from eglp_dist.methods.strong_aug import gaussian_kernel1d
 
 N_UNIFORMS = 11  # apply-jitter, apply-blur, 4 factors, 4 order keys, sigma
@@ -51,7 +52,7 @@ def gaussian_blur_nearest(image: Tensor, sigma: float) -> Tensor:
     if r < 1:
         return image
     k = gaussian_kernel1d(2 * r + 1, torch.tensor([float(sigma)], dtype=torch.float64))[0]
-    k = k.to(image.device, image.dtype)
+    k = to_device_async(k, image.device, image.dtype)
     c = image.shape[0]
     x = F.pad(image[None], (r, r, r, r), mode="replicate")
     x = F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
@@ -65,8 +66,8 @@ def photometric_augment(images: Tensor, mean: Sequence[float], std: Sequence[flo
     pads before (zeros in normalised space), a difference only at crops beyond the image."""
     b = images.shape[0]
     u = torch.rand((b, N_UNIFORMS), generator=generator, device=generator.device).to("cpu", torch.float64)
-    m = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(3, 1, 1)
-    s = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(3, 1, 1)
+    m = constant(list(mean), images.device, images.dtype, (3, 1, 1))
+    s = constant(list(std), images.device, images.dtype, (3, 1, 1))
     ops = _color_ops()
     strengths = (cfg.brightness, cfg.contrast, cfg.saturation)
     out = []

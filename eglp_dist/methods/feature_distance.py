@@ -40,6 +40,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from eglp_dist.device_constants import constant
+
 
 def _as_bhw(seg: Tensor) -> Tensor:
     if seg.dim() == 4 and seg.shape[1] == 1:
@@ -135,7 +137,7 @@ def feature_distance_loss(feat: Tensor, feat_ref: Tensor, seg: Tensor,
     if lbl.shape != dist.shape:
         raise ValueError(f"label {tuple(seg.shape)} downscaled by {scale} gives {tuple(lbl.shape)}, "
                          f"features are {tuple(dist.shape)}")
-    cls = torch.as_tensor(list(classes), dtype=lbl.dtype, device=lbl.device)
+    cls = constant(list(classes), lbl.device, lbl.dtype)
     mask = torch.isin(lbl, cls)
     total = torch.where(mask, dist, torch.zeros_like(dist)).sum()
     return total / mask.sum().clamp_min(1).to(dist.dtype)

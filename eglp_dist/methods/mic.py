@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from eglp_dist.device_constants import to_device_async
+
 
 @torch.no_grad()
 def block_mask(batch: int, height: int, width: int, block_size: int = 64, ratio: float = 0.7,
@@ -51,5 +53,5 @@ def block_mask(batch: int, height: int, width: int, block_size: int = 64, ratio:
     u = torch.rand((batch, 1, rows, cols), generator=generator, device=generator.device)
     grid = (u > ratio).to(torch.float32)
     if device is not None:
-        grid = grid.to(device)
+        grid = to_device_async(grid, device)
     return F.interpolate(grid, size=(height, width), mode="nearest")

@@ -57,6 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from eglp_dist.device_constants import constant, to_device_async
+
 Factor = Union[float, Tensor]
 
 #: columns of the per-image uniforms drawn by :func:`sample_strong_params`
@@ -200,7 +202,7 @@ def gaussian_blur(images: Tensor, sigma: Tensor) -> Tensor:
     """
     n, c, h, w = images.shape
     x = images.to(torch.promote_types(images.dtype, torch.float32))
-    sigma = sigma.to(device=x.device, dtype=x.dtype)
+    sigma = to_device_async(sigma, x.device, x.dtype)
     ky, kx = blur_kernel_size(h), blur_kernel_size(w)
     if ky > 1:
         wy = gaussian_kernel1d(ky, sigma).repeat_interleave(c, dim=0)       # (N*C, ky)
@@ -247,9 +249,8 @@ def sample_strong_params(batch: int, generator: torch.Generator, jitter_p: float
 
 
 def _mean_std(mean: Sequence[float], std: Sequence[float], x: Tensor) -> Tuple[Tensor, Tensor]:
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
-    return m, s
+    return (constant(list(mean), x.device, x.dtype, (1, -1, 1, 1)),
+            constant(list(std), x.device, x.dtype, (1, -1, 1, 1)))
 
 
 def apply_strong_params(images: Tensor, mean: Sequence[float], std: Sequence[float],
@@ -261,12 +262,12 @@ def apply_strong_params(images: Tensor, mean: Sequence[float], std: Sequence[flo
     m, s = _mean_std(mean, std, out)
     jit = params["jitter"].nonzero().flatten().tolist()
     if jit:
-        idx = torch.tensor(jit, device=out.device)
+        idx = to_device_async(torch.tensor(jit), out.device)
         x01 = (out[idx] * s + m) / 255.0                                # DAFormer denorm
         dev = out.device
         rows = []
         for i, b in enumerate(jit):
-            f = {k: params[k][b:b + 1].to(device=dev, dtype=out.dtype)
+            f = {k: to_device_async(params[k][b:b + 1], dev, out.dtype)
                  for k in ("brightness", "contrast", "saturation", "hue")}
             rows.append(color_jitter(x01[i:i + 1], f["brightness"], f["contrast"], f["saturation"],
                                      f["hue"], params["order"][b].tolist()))
@@ -274,7 +275,7 @@ def apply_strong_params(images: Tensor, mean: Sequence[float], std: Sequence[flo
         out[idx] = (x01 * 255.0 - m) / s                                # DAFormer renorm
     blur = params["blur"].nonzero().flatten().tolist()
     if blur:
-        idx = torch.tensor(blur, device=out.device)
+        idx = to_device_async(torch.tensor(blur), out.device)
         out[idx] = gaussian_blur(out[idx], params["sigma"][blur])
     return out.to(images.dtype)
 

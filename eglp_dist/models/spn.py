@@ -48,13 +48,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eglp_dist.device_constants import to_device_async
 from eglp_dist.models.backbones import Encoder
 from eglp_dist.models.heads import resize
 
 
 def _randn(shape: Sequence[int], like: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
     device = generator.device if generator is not None else like.device
-    return torch.randn(tuple(shape), generator=generator, device=device).to(like.device, like.dtype)
+    return to_device_async(torch.randn(tuple(shape), generator=generator, device=device), like.device, like.dtype)
 
 
 def _uniform(generator: Optional[torch.Generator]) -> float:
