@@ -7,7 +7,7 @@ rank over the same samples.
 """
 from __future__ import annotations
 
-from typing import Any, List
+from typing import Any, Callable, List
 
 import torch
 import torch.distributed as tdist
@@ -60,34 +60,33 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     return _reduce(tensor, tdist.ReduceOp.MAX)
 
 
-def all_reduce_mean_(tensors: List[torch.Tensor]) -> None:
-    """Average ``tensors`` across ranks in place, one flat message per dtype (gradients that
-    DDP's reducer did not average: see ``engine.BackwardSync``)."""
+def _flat_per_dtype(tensors: List[torch.Tensor], collective: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Run ``collective`` (in place, on the backend's device) on one flat message per dtype
+    of ``tensors`` and write the results back into them (as DDP coalesces its buckets)."""
     if not tensors or not (is_distributed() and world_size() > 1):
         return
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
     for dtype in sorted({t.dtype for t in tensors}, key=str):
         group = [t for t in tensors if t.dtype == dtype]
-        flat = _reduce(_flatten_dense_tensors(group), tdist.ReduceOp.SUM)
-        flat.div_(world_size())
+        flat = collective(_flatten_dense_tensors([t.detach() for t in group]).to(backend_device()))
         for t, value in zip(group, _unflatten_dense_tensors(flat, group)):
-            t.copy_(value)
+            t.data.copy_(value)
+
+
+def all_reduce_mean_(tensors: List[torch.Tensor]) -> None:
+    """Average ``tensors`` across ranks in place (gradients that DDP's reducer did not
+    average: see ``engine.BackwardSync``)."""
+    _flat_per_dtype(tensors, lambda flat: _reduce(flat, tdist.ReduceOp.SUM).div_(world_size()))
 
 
 def broadcast_tensors(tensors: List[torch.Tensor], src: int = 0) -> None:
-    """Rank ``src``'s values into ``tensors`` on every rank, in place, as one flat message
-    (as DDP's buffer broadcast coalesces them)."""
-    if not tensors or not (is_distributed() and world_size() > 1):
-        return
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-    for dtype in sorted({t.dtype for t in tensors}, key=str):
-        group = [t for t in tensors if t.dtype == dtype]
-        flat = _flatten_dense_tensors([t.detach() for t in group]).to(backend_device())
+    """Rank ``src``'s values into ``tensors`` on every rank, in place."""
+    def broadcast(flat: torch.Tensor) -> torch.Tensor:
         tdist.broadcast(flat, src=src)
-        for t, value in zip(group, _unflatten_dense_tensors(flat, group)):
-            t.data.copy_(value)
+        return flat
+
+    _flat_per_dtype(tensors, broadcast)
 
 
 def barrier() -> None:
