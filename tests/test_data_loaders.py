@@ -86,6 +86,10 @@ def test_dali_and_wds_give_the_same_training_batches(shards, augment):
         assert torch.equal(a["seg"], b["seg"])  # same label tensor
         assert a["meta"] == b["meta"]
         assert_same_pixels(a["img"], b["img"])
+        # the host label counts (from the prefetch threads) are those of the batch's labels
+        for batch in (a, b):
+            want = torch.stack([torch.bincount(s.flatten(), minlength=256) for s in batch["seg"]])
+            assert batch["label_counts"].device.type == "cpu" and torch.equal(batch["label_counts"], want)
 
 
 def test_dali_and_wds_give_the_same_evaluation_samples(shards):

@@ -252,6 +252,9 @@ def test_classmix_with_the_loaders_counts_draws_the_same_masks():
     crops = [rng.integers(0, 19, (24, 32)).astype(np.uint8), np.full((16, 32), 3, np.uint8)]
     crops[0][rng.random((24, 32)) < 0.1] = 255
     seg, counts = collate_segs(crops, (24, 32), "cpu")  # the second is padded with 255
+    # the plans' own counts (prefetch threads) + the batch padding: the same table
+    _, from_plans = collate_segs(crops, (24, 32), "cpu", [np.bincount(c.ravel(), minlength=256) for c in crops])
+    assert torch.equal(from_plans, counts)
     assert counts.device.type == "cpu" and counts.shape == (2, 256)
     for img, n in zip(seg, counts):
         assert torch.equal(torch.nonzero(n).flatten(), torch.unique(img))

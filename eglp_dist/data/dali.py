@@ -135,7 +135,8 @@ class DaliTrainProducer:
         batch = {"img": to_torch(images, self.device), "meta": [p.meta for p in plans]}
         if self.source.with_labels:
             batch["seg"], batch["label_counts"] = collate_segs([p.seg for p in plans],
-                                                          tuple(batch["img"].shape[-2:]), self.device)
+                                                          tuple(batch["img"].shape[-2:]), self.device,
+                                                          [p.label_counts for p in plans])
         return batch
 
     def close(self) -> None:

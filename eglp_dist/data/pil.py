@@ -68,7 +68,8 @@ class PilTrainProducer:
         batch = {"img": normalise_into(img, [a for a, _ in results], self.mean, self.std),
                  "meta": [p.meta for p in plans]}
         if self.source.with_labels:
-            batch["seg"], batch["label_counts"] = collate_segs([p.seg for p in plans], hw, self.device)
+            batch["seg"], batch["label_counts"] = collate_segs([p.seg for p in plans], hw, self.device,
+                                                          [p.label_counts for p in plans])
         return batch
 
     def close(self) -> None:

@@ -37,6 +37,9 @@ class Planned:
     seg: Optional[np.ndarray]  # uint8 [pad_hw], flipped and padded (None if unlabelled)
     meta: dict
     origin: str  # '<shard>:<key>.<ext>' of the image, named by decode errors
+    # (256,) pixels per label value of ``seg``, counted here in the prefetch thread, off the
+    # step's path (ClassMix's candidates, the rare-class memory's counts: no GPU sync)
+    label_counts: Optional[np.ndarray] = None
 
 
 def stream_salt(name: str) -> int:
@@ -96,7 +99,8 @@ class SampleSource:
         if pick.cls >= 0:
             meta["sampled_class"] = pick.cls
         ext = image_ext(comps)
-        return Planned(comps[ext], geom, seg, meta, f"{origin}.{ext}")
+        counts = np.bincount(seg.ravel(), minlength=256) if seg is not None else None
+        return Planned(comps[ext], geom, seg, meta, f"{origin}.{ext}", counts)
 
 
 class Prefetcher:
@@ -151,16 +155,23 @@ def normalise_into(out: torch.Tensor, images: Sequence[np.ndarray], mean, std) -
     return out
 
 
-def collate_segs(segs: Sequence[np.ndarray], hw, device) -> Tuple[torch.Tensor, torch.Tensor]:
+def collate_segs(segs: Sequence[np.ndarray], hw, device,
+                 counts: Optional[Sequence[Optional[np.ndarray]]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """uint8 label crops -> (int64 [B,H,W] on device, padded with 255 to ``hw``; (B, 256) host
-    pixel counts per label value, padding included). The counts are taken here on the CPU, so
-    the step never waits for the GPU to list a crop's classes (ClassMix's candidates) or to
-    count them (the rare-class memory)."""
+    pixel counts per label value, padding included). The counts come from the plans (counted
+    in the prefetch threads; the batch's extra padding is added to 255's) or are counted here,
+    on the CPU either way, so the step never waits for the GPU to list a crop's classes
+    (ClassMix's candidates) or to count them (the rare-class memory)."""
     out = np.full((len(segs),) + tuple(hw), 255, np.uint8)
+    table = np.zeros((len(segs), 256), np.int64)
     for i, s in enumerate(segs):
         out[i, : s.shape[0], : s.shape[1]] = s
-    counts = torch.from_numpy(np.stack([np.bincount(o.ravel(), minlength=256) for o in out]).astype(np.int64))
-    return to_device(torch.from_numpy(out), device).long(), counts
+        if counts is not None and counts[i] is not None:
+            table[i] = counts[i]
+            table[i, 255] += out[i].size - s.size
+        else:
+            table[i] = np.bincount(out[i].ravel(), minlength=256)
+    return to_device(torch.from_numpy(out), device).long(), torch.from_numpy(table)
 
 
 def batch_hw(geoms: Sequence[Geometry]) -> tuple:
