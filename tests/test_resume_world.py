@@ -28,7 +28,9 @@ def _train(env, config, overrides):
     return (None if error else m.generator.get_state()), error
 
 
-@pytest.mark.parametrize("world", [1, pytest.param(3, marks=pytest.mark.slow)])
+# slow (CI): the default run keeps test_engine's ZeRO re-partition 2 -> 1 for world-size resumes
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [1, 3])
 def test_ddp_resumes_on_another_world_size_with_a_new_random_stream_per_new_rank(shards, tmp_path, world):
     run_ranks(_train, 2, args=(CONFIG, _args(shards, tmp_path, "trainer.max_iters=2")))
     out = run_ranks(_train, world, args=(CONFIG, _args(shards, tmp_path, "trainer.max_iters=4")))

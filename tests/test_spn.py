@@ -290,6 +290,7 @@ def test_gta2all_configs_evaluate_six_targets_and_differ_only_in_spn():
 
 # ------------------------------------------------------------------ exact resume
 
+@pytest.mark.slow  # the UDA/PIG/EGLP resume tests cover the mechanism in the default run; CI runs this
 def test_spn_resume_is_exact_on_two_ranks(dg, tmp_path):
     from eglp_dist.dist.engine import export_fp32
 
