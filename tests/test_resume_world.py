@@ -1,6 +1,5 @@
 """Resuming on another world size (a requeued job that gets more or fewer GPUs) and with
 another engine: what continues, what starts fresh, and what is refused with its reason."""
-import shutil
 
 import pytest
 import torch

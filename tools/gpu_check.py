@@ -180,11 +180,10 @@ def measure_eval(env, config, overrides, hw) -> list:
 def single_gpu_worker(env, plan) -> dict:
     """Every one-process measurement in one process (one start-up for all)."""
     out = {"step": [], "precision": [], "eval": None}
-    for name, engine, precision in plan["steps"]:
+    for section, name, engine, precision in plan["steps"]:  # section: "step" or "precision"
         row = measure_step(env, plan["config"], [*plan["overrides"], *METHODS[name], f"engine={engine}",
                                                  f"engine.precision={precision}"], plan["warmup"], plan["iters"])
-        out["precision" if plan["steps_kind"].get((name, engine, precision)) == "precision" else "step"].append(
-            dict(row, method=name))
+        out[section].append(dict(row, method=name))
     out["eval"] = measure_eval(env, plan["config"], plan["overrides"], plan["eval_hw"])
     return out
 
@@ -352,15 +351,12 @@ def main(argv=None) -> int:
     report["decode"] = measure_decode(out, gpu, s, skipped)
     report["train_loop"] = measure_train_loop(out, gpu, 2 if (not gpu or n_gpus >= 2) else 1, skipped)
 
-    steps = [(m, e, "bf16") for m in METHODS for e in ("ddp", "zero2")]
-    kinds = {}
-    for precision in (["tf32", "fp32"] if gpu else ["fp32"]):
-        steps.append(("uda", "ddp", precision))
-        kinds[("uda", "ddp", precision)] = "precision"
+    steps = [("step", m, e, "bf16") for m in METHODS for e in ("ddp", "zero2")]
+    steps += [("precision", "uda", "ddp", p) for p in (["tf32", "fp32"] if gpu else ["fp32"])]
     if not gpu:
         skipped.append("precision: TF32 exists on CUDA (Ampere and later) only; fp32 vs bf16 (CPU autocast) shown")
     plan = {"config": s["config"], "overrides": s["overrides"], "warmup": s["warmup"], "iters": s["iters"],
-            "eval_hw": s["eval_hw"], "steps": steps, "steps_kind": kinds}
+            "eval_hw": s["eval_hw"], "steps": steps}
     backend = "nccl" if gpu else "gloo"
     single = run_ranks(single_gpu_worker, 1, args=(plan,), backend=backend)[0]
     report["step"], report["precision"], report["eval"] = single["step"], single["precision"], single["eval"]

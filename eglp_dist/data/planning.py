@@ -10,7 +10,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -18,9 +18,9 @@ import torch
 from eglp_dist.data.augment import Augmenter, Geometry
 from eglp_dist.data.codecs import BadSample, decode_seg
 from eglp_dist.data.config import shard_folders
-from eglp_dist.device_constants import constant
 from eglp_dist.data.sampling import Pick, build_sampler, min_class_pixels
 from eglp_dist.data.shards import SEG_EXT, image_ext, open_shards
+from eglp_dist.device_constants import constant
 from eglp_dist.errors import ConfigError, DataError
 
 

@@ -24,9 +24,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from types import SimpleNamespace
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Dict, Iterable, List, Optional
 
 import torch
@@ -434,11 +434,12 @@ class DeepSpeedEngine(Engine):
                 values = [g[key] for g in saved]
                 partitioned = all(torch.is_tensor(v) and v.shape == sd["single_partition_of_fp32_groups"][i].shape
                                   for v, sd in zip(values, states))
-                if partitioned:
-                    value = zero_opt._partition_base_optimizer_state(key, values, i).to(flat.device, flat.dtype)
+                if partitioned:  # one copy that owns its memory (a slice would keep the merged buffer)
+                    value = zero_opt._partition_base_optimizer_state(key, values, i).to(
+                        flat.device, flat.dtype, copy=True)
                 else:
-                    value = values[0]
-                inner.state[flat][key] = value.clone() if torch.is_tensor(value) else value
+                    value = values[0].clone() if torch.is_tensor(values[0]) else values[0]
+                inner.state[flat][key] = value
         # The groups' lr is optimizer state too (the same-world loader restores it with the
         # rest); here it comes from the loaded schedule, or the first step would use lr(0).
         for group, lr in zip(inner.param_groups, self.scheduler.get_last_lr()):
