@@ -18,7 +18,8 @@ def run_cli(args: argparse.Namespace) -> int:
 
 def ablate_cli(args: argparse.Namespace) -> int:
     """`eglp ablate ...` = tools/ablate.py."""
-    return run_tool("ablate", args.tool_args)
+    tool_args = list(args.tool_args)
+    return run_tool("ablate", tool_args[1:] if tool_args[:1] == ["--"] else tool_args)
 
 
 def run_tool(name: str, argv) -> int:

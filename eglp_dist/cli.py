@@ -47,22 +47,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
     p = sub.add_parser("eval", help="distributed mIoU of a checkpoint on every evaluation target (data.val)")
-    p.add_argument("config")
-    p.add_argument("checkpoint", help="checkpoint folder (e.g. runs/x/checkpoints/latest)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("config", help="the run's config file (its model and data.val nodes are used)")
+    p.add_argument("checkpoint", help="checkpoint folder (e.g. runs/x/checkpoints/latest) or weight file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, as for train")
     p.add_argument("--targets", nargs="+", metavar="NAME", default=None,
                    help="evaluate only these targets of data.val (default: every one with shards)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
     p = sub.add_parser("predict", help="write one prediction PNG per image (server formats)")
-    p.add_argument("config")
-    p.add_argument("checkpoint")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    p.add_argument("--split", default="val", choices=["val", "test"])
+    p.add_argument("config", help="the run's config file (its model and data.val / data.test nodes are used)")
+    p.add_argument("checkpoint", help="checkpoint folder (e.g. runs/x/checkpoints/latest) or weight file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, as for train")
+    p.add_argument("--split", default="val", choices=["val", "test"],
+                   help="predict data.val's images (a target of it) or data.test's (default: val)")
     p.add_argument("--target", default=None, metavar="NAME",
                    help="--split val: which target of data.val (needed when several have shards)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--format", default="trainid", choices=["trainid", "labelid", "color"])
+    p.add_argument("--format", default="trainid", choices=["trainid", "labelid", "color"],
+                   help="trainid: 0-18 train ids (ACDC and Dark Zurich servers); labelid: Cityscapes label ids "
+                        "(the Cityscapes server); color: the Cityscapes palette, to look at (default: trainid)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
     p = sub.add_parser("score", help="mIoU of a folder of predictions against a folder of labels")
@@ -116,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="synthetic day/night data -> shards -> 2-rank training -> mIoU")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--iters", type=int, default=None, help="iterations per training (default: demo.DEMO_ITERS)")
+    p.add_argument("--iters", type=int, default=None, help="iterations of each of the four trainings (default: 120)")
+    p.add_argument("--pretrain", type=int, default=None,
+                   help="iterations of the source-only stage 0 every training starts from (default: 1500; 0: random init)")
     return parser
 
 
@@ -155,6 +160,10 @@ def split_local_rank(argv: List[str]):
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv, local_rank = split_local_rank(list(sys.argv[1:] if argv is None else argv))
+    if argv[:1] == ["ablate"] and argv[1:2] != ["--"]:
+        # everything after `ablate` is the tool's; argparse's REMAINDER refuses a first
+        # option (`eglp ablate --out ...`) unless `--` ends ours first
+        argv = ["ablate", "--", *argv[1:]]
     args = build_parser().parse_args(argv)
     if local_rank is not None and hasattr(args, "local_rank"):
         args.local_rank = local_rank

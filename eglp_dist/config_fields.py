@@ -17,6 +17,7 @@ from eglp_dist.errors import ConfigError
 
 CHOICES = "choices"
 RANGE = "range"  # (lo, hi, lo_open, hi_open); None = unbounded on that side
+CLASS_LIST = "class_list"  # a list of class indices, checked against model.num_classes at build
 
 
 def choice(default: Any, options: Sequence[Any]) -> Any:
@@ -47,6 +48,28 @@ def non_negative(default: Any) -> Any:
 def probability(default: float) -> Any:
     """A number in [0, 1]."""
     return in_range(default, 0, 1)
+
+
+def class_list(default: Sequence[int]) -> Any:
+    """A list of class indices (train ids); at build time every index must lie in
+    [0, model.num_classes) (:func:`check_class_lists`), since the config merge does not know
+    the number of classes yet."""
+    return field(default_factory=lambda: list(default), metadata={CLASS_LIST: True})
+
+
+def check_class_lists(cfg: Any, num_classes: int, prefix: str = "") -> None:
+    """Every ``class_list`` field of ``cfg`` and its nested sections: indices in
+    [0, num_classes), no repeats; ConfigError naming the dotted key and the bad indices."""
+    for key, f, value in iter_fields(cfg, prefix):
+        if not f.metadata.get(CLASS_LIST) or value is None:
+            continue
+        values = list(value)
+        bad = [c for c in values if not isinstance(c, int) or not 0 <= c < num_classes]
+        if bad:
+            raise ConfigError(f"bad value for config key '{key}': class indices {bad} are outside "
+                              f"[0, {num_classes}) (model.num_classes={num_classes})")
+        if len(set(values)) != len(values):
+            raise ConfigError(f"bad value for config key '{key}': {values} lists a class twice")
 
 
 def _range_text(lo, hi, lo_open, hi_open) -> str:
@@ -83,23 +106,31 @@ def _sections_of(value) -> Optional[type]:
     return None
 
 
-def check_fields(cfg: Any, prefix: str = "") -> None:
-    """Every field rule (choices, ranges) of ``cfg`` and its nested sections, a dataclass
-    instance or a structured DictConfig; ConfigError names the dotted key."""
+def iter_fields(cfg: Any, prefix: str = ""):
+    """(dotted key, dataclass field, value) of every field of ``cfg`` (a dataclass instance
+    or a structured DictConfig) and of its nested sections, ``Dict[str, Section]`` entries
+    included, parents before their children."""
     dc_type = _dataclass_of(cfg)
     if dc_type is None:
         return
     for f in dataclasses.fields(dc_type):
         value = getattr(cfg, f.name)
         key = f"{prefix}{f.name}"
+        yield key, f, value
+        if _dataclass_of(value) is not None:
+            yield from iter_fields(value, key + ".")
+        elif _sections_of(value) is not None:
+            for name in value.keys():
+                yield from iter_fields(value[name], f"{key}.{name}.")
+
+
+def check_fields(cfg: Any, prefix: str = "") -> None:
+    """Every field rule (choices, ranges) of ``cfg`` and its nested sections, a dataclass
+    instance or a structured DictConfig; ConfigError names the dotted key."""
+    for key, f, value in iter_fields(cfg, prefix):
         if CHOICES in f.metadata and value not in f.metadata[CHOICES]:
             raise ConfigError(f"bad value for config key '{key}': {value!r} is not one of "
                               f"{list(f.metadata[CHOICES])}")
         if RANGE in f.metadata and value is not None and not _value_ok(value, *f.metadata[RANGE]):
             raise ConfigError(f"bad value for config key '{key}': {value!r} must be "
                               f"{_range_text(*f.metadata[RANGE])}")
-        if _dataclass_of(value) is not None:
-            check_fields(value, key + ".")
-        elif _sections_of(value) is not None:
-            for name in value.keys():
-                check_fields(value[name], f"{key}.{name}.")

@@ -272,7 +272,7 @@ def _open_session(args: argparse.Namespace) -> CliSession:
     where = ckpt if ckpt.is_file() else resolve_checkpoint_dir(ckpt)
     state = load_weights(where)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    model_cfg["pretrained"] = None  # every weight comes from the checkpoint
+    model_cfg["pretrained"] = model_cfg["init_from"] = None  # every weight comes from the checkpoint
     model = build_segmentor(model_cfg)
     load_into(model, state, str(where))
     env = detect_env(local_rank_arg=getattr(args, "local_rank", None))

@@ -11,11 +11,12 @@ log interval, because carriage-return bars make unreadable batch logs.
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, Mapping, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -77,8 +78,23 @@ def check_same_keys(keys) -> None:
                        f"every step, whatever its data (log a zero, not nothing)")
 
 
+class Counter(Protocol):
+    """Counts a part accumulates on the device between log intervals (e.g. a confusion
+    matrix), reduced by SUM in the log interval's one collective and turned into scalars."""
+
+    name: str
+
+    def take(self) -> torch.Tensor:
+        """The counts since the last call (any shape; the same size on every rank), reset."""
+
+    def summarise(self, reduced: torch.Tensor) -> Dict[str, float]:
+        """Scalars to log from the run-wide counts (NaN: undefined, e.g. a class never seen)."""
+
+
 class Monitor:
-    """Rank 0 writes; every rank must call ``flush`` (it all-reduces)."""
+    """Rank 0 writes (TensorBoard, the progress line, ``train.jsonl``: one line of global
+    values per log interval, for tools that read a run's history); every rank must call
+    ``flush`` (it all-reduces)."""
 
     def __init__(self, run_dir: Path, enabled: bool, start: int, max_iters: int, images_per_iter: int):
         self.enabled = enabled
@@ -98,6 +114,7 @@ class Monitor:
         self._steps = 0
         self._since_it = start
         self._since_t = time.perf_counter()
+        self._jsonl = Path(run_dir) / "train.jsonl"
 
     def accumulate(self, logs: Mapping[str, torch.Tensor]) -> None:
         for key, value in logs.items():
@@ -107,19 +124,31 @@ class Monitor:
         if self.bar is not None:
             self.bar.update(1)
 
-    def flush(self, it: int, extra: Optional[Mapping[str, float]] = None) -> Dict[str, float]:
+    def flush(self, it: int, extra: Optional[Mapping[str, float]] = None,
+              counters: Sequence[Counter] = ()) -> Dict[str, float]:
         """Collective: global averages since the last flush, written at iteration ``it`` (the
-        number of iterations done). Returns them (on every rank)."""
+        number of iterations done), and the ``counters``' scalars from their run-wide sums.
+        One all-reduce for all of them. Returns the values (on every rank)."""
         keys = sorted(self._sums)
-        check_same_keys(keys)
+        counts = [c.take() for c in counters]
+        # the counters' names and sizes join the key digest: a rank with other counters
+        # must fail by name, not mix up positions
+        check_same_keys(keys + [f"{c.name}:{t.numel()}" for c, t in zip(counters, counts)])
         values = {}
-        if keys:
-            # one vector on the backend's device (some values are host counters, most are on
-            # the GPU: stack cannot mix devices, NCCL reduces CUDA tensors only)
+        if keys or counts:
+            # one float64 vector on the backend's device (some values are host counters, most
+            # are on the GPU: cat cannot mix devices, NCCL reduces CUDA tensors only; float64
+            # keeps pixel counts exact beyond 2**24)
             device = comm.backend_device()
-            vec = torch.stack([self._sums[k].reshape(()).to(device) for k in keys])
-            vec = comm.all_reduce_sum(vec) / (comm.world_size() * max(self._steps, 1))
-            values = dict(zip(keys, vec.tolist()))
+            parts = [torch.stack([self._sums[k].reshape(()).to(device, torch.float64) for k in keys])] if keys else []
+            parts += [t.reshape(-1).to(device, torch.float64) for t in counts]
+            vec = comm.all_reduce_sum(torch.cat(parts))
+            n = len(keys)
+            values = dict(zip(keys, (vec[:n] / (comm.world_size() * max(self._steps, 1))).tolist()))
+            offset = n
+            for c, t in zip(counters, counts):
+                values.update(c.summarise(vec[offset:offset + t.numel()].view(t.shape).cpu()))
+                offset += t.numel()
         now = time.perf_counter()
         iters = it - self._since_it
         elapsed = max(now - self._since_t, 1e-9)
@@ -129,8 +158,12 @@ class Monitor:
         self._sums, self._steps, self._since_it, self._since_t = {}, 0, it, now
         if self.enabled:
             for key, value in values.items():
-                self.writer.add_scalar(key if "/" in key else f"train/{key}", value, it)
+                if not np.isnan(value):
+                    self.writer.add_scalar(key if "/" in key else f"train/{key}", value, it)
             self._show(it, values)
+            with open(self._jsonl, "a") as f:
+                f.write(json.dumps({"iter": it, **{k: (None if np.isnan(v) else v) for k, v in values.items()}})
+                        + "\n")
         return values
 
     def _show(self, it: int, values: Mapping[str, float]) -> None:

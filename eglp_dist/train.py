@@ -102,7 +102,8 @@ def train(cfg, local_rank: Optional[int] = None) -> Dict[str, Any]:
     run_dir = run_dir_of(cfg)
     method = build_method(cfg, env, device)
     streams = {name: build_train_stream(getattr(cfg.data, name), cfg.data, env.rank, env.world_size,
-                                        seed=cfg.run.seed, device=device, name=name)
+                                        seed=cfg.run.seed, device=device, name=name,
+                                        ground_truth=name in method.ground_truth_streams)
                for name in method.streams}
     # every target with shards, in config order (none: training without evaluation)
     val_loaders = {name: build_eval_loader(target, cfg.data, env.rank, env.world_size, device,
@@ -158,8 +159,10 @@ def _train_locked(cfg, env, device, method, streams, val_loaders, run_dir: Path)
         if saved != env.world_size:
             monitor.write(f"the checkpoint was written by {saved} rank(s), this run has {env.world_size}: "
                           f"ranks 0..{min(saved, env.world_size) - 1} continue their own data and random streams, "
-                          + (f"ranks {saved}..{env.world_size - 1} start new ones from (seed, rank, step); "
+                          + (f"ranks {saved}..{env.world_size - 1} start new ones from (seed, rank, step) and an "
+                             f"empty per-rank method state (e.g. EGLP's rare-class memory); "
                              if env.world_size > saved else f"the streams of ranks {env.world_size}..{saved - 1} end; ")
+                          + "run-wide state (EMA teachers, DNIS, RCM's class confidences) is the checkpoint's on every rank; "
                           + "".join(f"engine {n!r}: ZeRO optimizer state re-partitioned from {saved} to "
                                     f"{env.world_size} rank(s); " for n, e in method.engines.items()
                                     if e.kind == "zero")
@@ -193,7 +196,7 @@ def _train_locked(cfg, env, device, method, streams, val_loaders, run_dir: Path)
                         f"{control.bad_in_a_row} non-finite steps in a row (trainer.guard.max_bad_steps="
                         f"{t.guard.max_bad_steps}) at iteration {it}; the last good weights are in {path}")
                 if should(it, t.log_interval, t.max_iters):
-                    monitor.flush(it, {f"lr/{k}": v for k, v in method.lrs().items()})
+                    monitor.flush(it, {f"lr/{k}": v for k, v in method.lrs().items()}, method.counters())
                 if it % t.image_interval == 0:
                     monitor.images(it, method.visuals(), cfg.data.mean, cfg.data.std)
                 evaluate_now = bool(val_loaders) and should(it, t.eval_interval, t.max_iters)

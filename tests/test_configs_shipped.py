@@ -222,3 +222,43 @@ def test_eglp_configs_are_pigs_plus_eglps_parts(name, pig):
         assert OmegaConf.to_container(cfg[node]) == OmegaConf.to_container(base[node]), node
     for key in ("pseudo", "mix", "fd", "nfnet", "teacher"):
         assert OmegaConf.to_container(cfg.method[key]) == OmegaConf.to_container(base.method[key]), key
+
+
+def _declared(cfg):
+    """(dotted key, metadata, value) of every field with a declared rule, nested."""
+    from eglp_dist.config_fields import iter_fields
+
+    return ((key, f.metadata, value) for key, f, value in iter_fields(cfg) if f.metadata)
+
+
+def _outside(lo, hi, lo_open, hi_open, value):
+    if hi is not None:
+        return hi + 1 if not hi_open else hi
+    return (lo - 1 if not lo_open else lo) if isinstance(value, int) or lo == 0 or lo_open else lo - 1
+
+
+def test_every_declared_range_of_every_shipped_config_refuses_a_value_outside_it():
+    """Walks every shipped run config's fields (each key once): a value outside the field's
+    declared range is a ConfigError naming the key; a class list with an index outside the
+    model's classes too (checked at build time, where the number of classes is known)."""
+    from eglp_dist.config_fields import CLASS_LIST, RANGE, check_class_lists
+    from eglp_dist.errors import ConfigError
+
+    tried, lists = set(), set()
+    for path in RUN_CONFIGS:
+        cfg = load_config(path)
+        for key, meta, value in _declared(cfg):
+            if RANGE in meta and key not in tried:
+                tried.add(key)
+                bad = _outside(*meta[RANGE], value)
+                with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+                    load_config(path, [f"{key}={bad}"])
+            if CLASS_LIST in meta and key not in lists and key.startswith("method."):
+                lists.add(key)
+                broken = load_config(path, [f"{key}=[0,{cfg.model.num_classes}]"])
+                with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ".*outside"):
+                    check_class_lists(broken.method, broken.model.num_classes, "method.")
+    assert len(tried) > 60 and {"method.eglp.dms.max_weight", "method.eglp.dnis.momentum",
+                                "method.nfnet.ams_ratio", "method.eglp.fis.threshold"} <= tried
+    assert lists == {"method.eglp.rcm.classes", "method.eglp.fis.protected", "method.fusion.protected",
+                     "method.fd.classes"}

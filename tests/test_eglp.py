@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from dist_harness import run_ranks, train_worker
+from dist_harness import run_ranks, train_with_method, train_worker
 from eglp_dist.config import PACKAGE_CONFIG_ROOT, load_config
 from eglp_dist.data import synth
 from eglp_dist.data.labels import CLASS_INDEX, CLASSES
 from eglp_dist.eglp.dnis import DNIS
 from eglp_dist.eglp.fusion import dms_weights, fis_classes, mix_probabilities, prompt_class_masks
-from eglp_dist.eglp.rcm import RareClassMemory
+from eglp_dist.eglp.rcm import ClassConfidence, RareClassMemory
 
 EGLP = PACKAGE_CONFIG_ROOT / "demo" / "tiny_eglp.yaml"
 MEAN, STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
@@ -147,7 +147,7 @@ def test_rcm_never_exceeds_capacity_and_pasted_pixels_carry_their_class_with_wei
 
 
 def test_rcm_lowers_the_threshold_of_rare_classes_only():
-    bank = RareClassMemory([13], capacity=1, patch=4, min_pixels=1, num_classes=19)
+    bank = ClassConfidence([13], num_classes=19)
     label = torch.tensor([[13, 13, 0, 0]])
     prob = torch.tensor([[0.6, 0.8, 0.5, 0.5]])
     bank.update_confidence(bank.confidence_sums(prob, label), momentum=0.0)
@@ -232,3 +232,136 @@ def test_eglp_resume_is_exact_on_two_ranks(shards, tmp_path, engine):
             assert torch.equal(v, rb["method"]["rcm"][k]), k
         assert ra["method"]["rcm"]["filled"].sum() > 0  # the bank is in the checkpoint
         assert torch.equal(ra["method"]["generator"], rb["method"]["generator"])
+
+
+# -------------------------------------------- defects found by reading the code (issue: evidence)
+
+
+def _eglp_method(overrides=()):
+    from eglp_dist.dist.env import DistEnv
+    from eglp_dist.methods import build_method
+
+    cfg = load_config(EGLP, ["data.source.crop_size=[64,64]", "data.target.crop_size=[64,64]",
+                             "data.prompt.crop_size=[64,64]", "schedule.warmup_iters=0", *overrides])
+    return build_method(cfg, DistEnv(), torch.device("cpu"))
+
+
+def _batches(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    seg = torch.randint(0, 19, (2, 64, 64), generator=g)
+    return {"source": {"img": torch.randn(2, 3, 64, 64, generator=g), "seg": seg},
+            "target": {"img": torch.randn(2, 3, 64, 64, generator=g)},
+            "prompt": {"img": torch.randn(2, 3, 64, 64, generator=g), "seg": seg.flip(-1)}}
+
+
+def _teachers(method, uda_logits, night_logits):
+    """Replace both teachers' pseudo-label forwards by fixed logits."""
+    def logits(teacher, engine, images):
+        return uda_logits if teacher is method.teacher else night_logits
+    method.teacher_logits = logits
+
+
+def _pseudo_state(method, batches):
+    from eglp_dist.methods.uda import StepState
+
+    s = StepState(it=1, batches=batches)
+    method.pseudo_label_step(s)
+    return s
+
+
+def test_rare_thresholds_raise_the_weight_of_rare_pixels_only():
+    """A near-uniform teacher: DAFormer's share is 0 for every image; RCM's lowered threshold of
+    class 13 (car) gives weight 1 to car pixels it reaches, and nothing else (before: the
+    lowered threshold fed the per-image share and lifted every pixel of the image)."""
+    m = _eglp_method(["method.eglp.dnis.enabled=false", "method.eglp.dms.enabled=false",
+                      "method.eglp.fis.enabled=false", "method.nfnet.enabled=false"])
+    logits = torch.zeros(2, 19, 64, 64)
+    logits[:, 13, :, :32] = 1.0  # car on the left half, prob ~0.13; right half uniform (road by argmax)
+    _teachers(m, logits, None)
+    m.rcm_conf.conf[0, 13], m.rcm_conf.conf[1, 13] = 0.1 * 1000, 1000  # the teacher's mean confidence on car: 0.1
+    s = _pseudo_state(m, _batches())
+    assert s.logs["pseudo.confidence"] == 0  # no pixel reaches 0.968: DAFormer's share stays 0
+    assert (s.pweight[:, :, :32] == 1).all() and (s.pweight[:, :, 32:] == 0).all()
+    assert s.logs["rcm.boosted_pixels"] == pytest.approx(0.5)
+
+
+def test_fis_runs_after_dms_so_low_dnis_classes_take_nfnets_label():
+    """UDA sure of road, NFNet sure of sky, sky the lowest DNIS: DMS's capped mix alone keeps
+    road (max_weight 0.3); FIS then gives sky NFNet's label (before: FIS never ran with DMS on)."""
+    m = _eglp_method(["method.eglp.dms.max_weight=0.3", "method.eglp.rcm.enabled=false", "method.eglp.fis.k=1"])
+    sky, road = CLASS_INDEX["sky"], CLASS_INDEX["road"]
+    uda, night = torch.zeros(2, 19, 64, 64), torch.zeros(2, 19, 64, 64)
+    uda[:, road], night[:, sky] = 10.0, 10.0
+    _teachers(m, uda, night)
+    dnis = torch.ones(19)
+    dnis[sky] = 0.1
+    m.dnis.value = lambda: dnis
+    m.dnis.seen = lambda: torch.ones(19, dtype=torch.bool)
+    s = _pseudo_state(m, _batches())
+    assert (s.plabel == sky).all()
+    off = _eglp_method(["method.eglp.dms.max_weight=0.3", "method.eglp.rcm.enabled=false", "method.eglp.fis.enabled=false"])
+    _teachers(off, uda, night)
+    off.dnis.value, off.dnis.seen = m.dnis.value, m.dnis.seen
+    assert (_pseudo_state(off, _batches()).plabel == road).all()  # DMS alone: UDA's road
+
+
+def test_nfnets_dark_mix_gets_night_patches_only_unless_asked():
+    from eglp_dist.methods.uda import StepState
+
+    day_only = RareClassMemory([13], capacity=2, patch=8, min_pixels=4, num_classes=19)
+    seg = torch.zeros(1, 32, 32, dtype=torch.long)
+    seg[:, 4:12, 4:12] = 13
+    g = torch.Generator().manual_seed(0)
+    day_only.add(torch.randn(1, 3, 32, 32), seg, night=False, generator=g)
+    img, lab = torch.randn(1, 3, 32, 32), torch.zeros(1, 32, 32, dtype=torch.long)
+    assert not day_only.paste(img, lab, None, 2, g, night_only=True)[3].any()
+    assert day_only.paste(img, lab, None, 2, g)[3].any()
+    for allow, changed in ((False, False), (True, True)):
+        m = _eglp_method([f"method.eglp.rcm.day_patches_to_nfnet={allow}"])
+        m.rcm = day_only
+        out_img, out_seg = m.decorate_dark_mix(StepState(it=0, batches={}), img, lab)
+        assert (not torch.equal(out_seg, lab)) is changed
+    day_only.add(torch.randn(1, 3, 32, 32), seg, night=True, generator=g)
+    _, out, _, pasted = day_only.paste(img, lab, None, 4, g, night_only=True)
+    assert pasted.any()
+
+
+def test_eglp_part_rules_name_their_keys():
+    from eglp_dist.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"method.eglp.dnis.enabled=false.*method.eglp.dms.enabled=true"):
+        _eglp_method(["method.eglp.dnis.enabled=false", "method.eglp.fis.enabled=false"])
+    with pytest.raises(ConfigError, match=r"method.eglp.fis.enabled=true.*method.nfnet.enabled=false"):
+        _eglp_method(["method.nfnet.enabled=false"])
+    with pytest.raises(ConfigError, match="method.eglp.dms.prompt_rate.*data.prompt and data.target"):
+        _eglp_method(["method.nfnet.dark_mix=false", "data.prompt.batch_size=1"])
+    bank = RareClassMemory([13], capacity=2, patch=8, min_pixels=4, num_classes=19)
+    other = RareClassMemory([13], capacity=3, patch=8, min_pixels=4, num_classes=19)
+    with pytest.raises(ConfigError, match=r"method.eglp.rcm.*images saved \(1, 3, 3, 8, 8\) vs configured \(1, 2, 3, 8, 8\)"):
+        bank.load_state_dict(other.state_dict())
+
+
+def _thresholds_after_resume(env, overrides):
+    m, _ = train_with_method(EGLP, overrides)
+    return m.rcm_conf.thresholds(0.968), m.rcm_conf.conf.clone()
+
+
+@pytest.mark.slow  # 2 + 3 ranks on 2 cores (~40 s): `make test-all` (CI)
+@pytest.mark.parametrize("world", [3])
+def test_rcm_thresholds_are_run_wide_state_equal_on_every_rank_after_a_world_size_change(tiny_shards, tmp_path, world):
+    """Before: RCM's reduced confidences were per-rank state, so a rank added on resume started
+    from zeros and its thresholds (and pseudo-label weights) differed from the others'."""
+    def args(iters):
+        return [f"run.out_dir={tmp_path}", f"data.source.shards={tiny_shards['cityscapes_train']}",
+                f"data.target.shards={tiny_shards['acdc_night_train']}", f"data.prompt.shards={tiny_shards['prompt_night']}",
+                "data.source.crop_size=[64,64]", "data.target.crop_size=[64,64]", "data.prompt.crop_size=[64,64]",
+                "method.eglp.rcm.patch=16", f"trainer.max_iters={iters}", "trainer.ckpt_interval=2",
+                "trainer.eval_interval=100", "trainer.image_interval=1000", "schedule.warmup_iters=0",
+                "method.diagnostics.pseudo_label_iou=false"]
+
+    run_ranks(_thresholds_after_resume, 2, args=(args(2),))
+    saved = torch.load(tmp_path / "demo_eglp" / "checkpoints" / "iter_0000002" / "modules.pt", weights_only=False)
+    assert (saved["rcm_confidence"]["conf"][1] > 0).any()  # saved once, as run-wide state
+    out = run_ranks(_thresholds_after_resume, world, args=(args(3),))
+    for thr, conf in out[1:]:
+        assert torch.equal(thr, out[0][0]) and torch.equal(conf, out[0][1])

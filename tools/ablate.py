@@ -1,31 +1,35 @@
 #!/usr/bin/env python
-"""The method ablations on synthetic data, 2 CPU ranks, several seeds: ``eglp`` (day -> night
+"""The method studies on synthetic data, 2 CPU ranks, several seeds: ``eglp`` (day -> night
 UDA, the default) and ``spn`` (domain generalisation from a game-style source).
 
-Each variant is trained with torchrun exactly as ``eglp train`` runs, evaluated, and the
-results go to a markdown table.
+Warm-started (``--pretrain ITERS``, see ``eglp_dist/study.py`` for why): stage 0 is a
+source-only run on the synthetic day source, trained once per study and cached by its
+settings; every variant starts from it (``--init whole``: the whole source-only model;
+``--init encoder``: its encoder only, the analogue of an ImageNet checkpoint) with the
+recipe ``study.WARM_RECIPE`` (lr 6e-5, heads x10, no feature distance) plus ``--set``.
+``--pretrain 0`` trains every variant from random weights as before.
 
-* ``eglp``: the demo's data (synthetic Cityscapes day source, synthetic ACDC night target and
-  validation, 6 labelled synthetic night prompts); night mIoU (mean and each seed), mean IoU
-  of the rare classes, and of the low-DNIS classes (the ``--low-k`` classes of lowest DNIS
-  at the end of the first seed's EGLP run).
+Every (variant, seed) run is cached by its settings: a study stopped half-way continues
+where it stopped (finished runs reused, an interrupted one resumed from its checkpoint).
+The exact commands go to ``OUT/commands.sh``; the table to ``OUT/ablation.md`` and the raw
+figures to ``OUT/results.json``.
+
+* ``eglp``: night mIoU (mean, each seed), IoU of the classes the synthetic night changes most
+  (fixed in advance from ``synth_render.night_change()``, ``study.classes_to_gain``) and of
+  the rare classes, the pseudo-label weight over the second half of training, and the
+  pseudo-label IoU of every source against the target's ground truth; paired per-seed
+  differences (EGLP - PIG, EGLP - UDA, each part's removal).
 * ``spn``: a synthetic "game"-style GTA5 source only; the same validation streets rendered in
-  four unseen styles (day, night, fog, rain) are the targets; baseline (DeepLabV3+, one
-  resolution, no prompts) vs SPN; the average over the unseen styles and each style.
+  four unseen styles (day, night, fog, rain) are the targets; baseline vs SPN.
 
-Resumable: a run whose last evaluation is at the final iteration is not trained again (and
-a run folder trained with other settings is refused by the run-folder check, so change
-``--out`` when changing ``--iters``).
-
-    python tools/ablate.py --out runs/ablation --iters 300 --seeds 0 1
-    python tools/ablate.py spn --out runs/ablation_spn --iters 1500 --seeds 0 1
-    eglp ablate spn --out runs/ablation_spn --iters 1500 --seeds 0 1
+    python tools/ablate.py --out runs/study --pretrain 3000 --iters 400 --seeds 0 1 2
+    python tools/ablate.py spn --out runs/study_spn --pretrain 1500 --iters 1500 --seeds 0 1 2
+    eglp ablate --out runs/study --pretrain 3000 --only EGLP PIG-style --seeds 0
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -35,6 +39,8 @@ from typing import Dict, List
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+if (ROOT / "eglp_dist").is_dir() and str(ROOT) not in sys.path:  # run from a checkout, uninstalled
+    sys.path.insert(0, str(ROOT))
 
 # name -> (demo config, overrides): each ablation is one override of the full method
 VARIANTS = {
@@ -43,10 +49,19 @@ VARIANTS = {
     "PIG-style": ("tiny_pig", []),
     "EGLP": ("tiny_eglp", []),
     "EGLP w/o RCM": ("tiny_eglp", ["method.eglp.rcm.enabled=false"]),
-    "EGLP w/o DNIS+DMS (PIG top-k)": ("tiny_eglp", ["method.eglp.dnis.enabled=false", "method.eglp.dms.enabled=false",
-                                                      "method.eglp.fis.enabled=false", "method.fusion.enabled=true"]),
-    "EGLP w/o NFNet": ("tiny_eglp", ["method.nfnet.enabled=false", "method.fusion.enabled=false"]),
+    "EGLP w/o DMS (FIS only)": ("tiny_eglp", ["method.eglp.dms.enabled=false"]),
+    "EGLP w/o FIS (DMS only)": ("tiny_eglp", ["method.eglp.fis.enabled=false"]),
+    "EGLP w/o NFNet (prompt paste kept)": ("tiny_eglp", ["method.nfnet.enabled=false", "method.eglp.fis.enabled=false"]),
+    "EGLP w/o prompt paste": ("tiny_eglp", ["method.eglp.dms.prompt_rate=0"]),
+    "EGLP w/o DNIS (PIG top-k fusion)": ("tiny_eglp", ["method.eglp.dnis.enabled=false", "method.eglp.dms.enabled=false",
+                                                         "method.eglp.fis.enabled=false", "method.fusion.enabled=true"]),
 }
+DEFAULT_ROWS = [n for n in VARIANTS if "w/o DNIS" not in n]
+# (a, b): paired per-seed differences a - b
+COMPARISONS = [("EGLP", "PIG-style"), ("EGLP", "UDA (HRDA)"), ("PIG-style", "UDA (HRDA)"),
+               ("UDA (HRDA)", "source-only")] + [("EGLP", n) for n in VARIANTS if n.startswith("EGLP w/o")]
+SOURCES = ("teacher", "nfnet", "dms", "fused", "final")
+
 SPN_VARIANTS = {
     "baseline (DeepLabV3+)": ("tiny_spn_baseline", []),
     "SPN": ("tiny_spn", []),
@@ -56,151 +71,229 @@ SPN_TARGETS = {"day": "cityscapes_val", "night": "acdc_night_val", "fog": "foggy
                "rain": "rain_cityscapes_val"}
 
 
-def eglp_data_args(shards) -> List[str]:
-    return [f"data.source.shards={shards['cityscapes_train']}", f"data.target.shards={shards['acdc_night_train']}",
-            f"data.val.acdc_night.shards={shards['acdc_night_val']}", f"data.prompt.shards={shards['prompt_night']}"]
-
-
 def spn_data_args(shards) -> List[str]:
     return [f"data.source.shards={shards['gta5_train']}"] + [
         f"data.val.{name}.shards={shards[folder]}" for name, folder in SPN_TARGETS.items()]
 
 
-def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+# ----------------------------------------------------------------------------- one run
+
+def measure(run_dir: Path, iters: int) -> dict:
+    """What the tables need from one finished run."""
+    from eglp_dist import study
+
+    ev = study.last_eval(run_dir)
+    log = study.train_log(run_dir)
+    changed, rare = study.classes_to_gain(), study.rare_classes()
+    out = {"run": str(run_dir), "eval": ev, "pseudo_confidence": study.second_half_mean(log, "pseudo.confidence", iters),
+           "pseudo_mean_weight": study.second_half_mean(log, "pseudo.mean_weight", iters), "pseudo": {}}
+    night = ev.get("targets", {}).get("acdc_night")
+    if night is not None:
+        out.update(mIoU=100 * night["mIoU"], changed=100 * study.mean_iou_of(night["IoU"], changed),
+                   rare=100 * study.mean_iou_of(night["IoU"], rare))
+    for src in SOURCES:
+        if any(f"pseudo_iou/{src}/mIoU" in r for r in log):
+            out["pseudo"][src] = {g: 100 * study.pseudo_iou_of(log, src, cls, iters)
+                                  for g, cls in (("mIoU", None), ("changed", changed), ("rare", rare))}
+            out["pseudo"][src]["weighted_mIoU"] = 100 * study.pseudo_iou_of(log, src, None, iters, weighted=True)
+    return out
 
 
-def done(run_dir: Path, iters: int) -> bool:
-    f = run_dir / "eval.jsonl"
-    return f.is_file() and any(json.loads(l).get("iter") == iters for l in f.read_text().splitlines() if l)
+# stage 0 of each study: the source-only recipe of its model. EGLP's variants start from its
+# whole model with the recipe of a pretrained network (study.WARM_RECIPE); SPN's from its
+# encoder (the SPN network has two input resolutions and prompts, so the baseline's whole model
+# does not fit it), with RobustNet's SGD recipe unchanged: it is already the one for an
+# ImageNet-pretrained encoder.
+STAGE0 = {"eglp": "tiny_source_only", "spn": "tiny_spn_baseline"}
+DEFAULT_INIT = {"eglp": "whole", "spn": "encoder"}
 
 
-def train_variant(variant, name: str, seed: int, iters: int, out: Path, data_args: List[str], env) -> dict:
-    """Train one (variant, seed) unless done before; its last evaluation record."""
-    from eglp_dist.config import PACKAGE_CONFIG_ROOT
-    from eglp_dist.demo import last_eval, train_command
+def stage0(a, root: Path, data_args: List[str]) -> Path:
+    from eglp_dist import study
 
-    config, extra = variant
-    run_name = f"{slug(name)}_s{seed}"
-    run_dir = out / "runs" / run_name
-    if not done(run_dir, iters):
-        args = [f"run.out_dir={out / 'runs'}", f"run.name={run_name}", f"run.seed={seed}", *data_args,
-                f"trainer.max_iters={iters}", f"trainer.eval_interval={iters}", f"trainer.ckpt_interval={iters}",
-                f"trainer.log_interval={max(iters // 5, 1)}", *extra]
-        t0 = time.perf_counter()
-        log = run_dir.parent / f"{run_name}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "w") as f:
-            code = subprocess.call(train_command(PACKAGE_CONFIG_ROOT / "demo" / f"{config}.yaml", args),
-                                   env=env, stdout=f, stderr=subprocess.STDOUT)
-        if code != 0:
-            raise SystemExit(f"ablate: {run_name} failed (exit {code}); see {log}")
-        print(f"  {run_name}: {time.perf_counter() - t0:.0f} s", flush=True)
-    else:
-        print(f"  {run_name}: done before, not retrained", flush=True)
-    return last_eval(run_dir)
+    spec = study.RunSpec("stage0 source-only", STAGE0[a.study], tuple(data_args), seed=a.pretrain_seed,
+                         iters=a.pretrain)
+    print(f"== stage 0: source-only, {a.pretrain} iterations (seed {a.pretrain_seed})", flush=True)
+    return study.run_cached(spec, root)
 
 
-def final_dnis(run_dir: Path) -> Dict[str, float]:
-    import torch
+def common_args(a, root: Path, data_args: List[str]) -> List[str]:
+    from eglp_dist import study
 
-    from eglp_dist.data.labels import CLASSES
-    from eglp_dist.dist.checkpoint import find_latest
-    from eglp_dist.eglp.dnis import DNIS
-
-    state = torch.load(find_latest(run_dir / "checkpoints") / "modules.pt", weights_only=False)["dnis"]
-    d = DNIS(len(CLASSES), [0, 0, 0], [1, 1, 1])
-    d.load_state_dict(state)
-    v, seen = d.value(), d.seen()
-    return {CLASSES[c]: float(v[c]) for c in range(len(CLASSES)) if bool(seen[c])}
+    args = list(data_args)
+    if a.pretrain > 0:
+        args += study.warm_start_args(stage0(a, root, data_args), a.init)
+        args += list(study.WARM_RECIPE) if a.study == "eglp" else []
+    return args + list(a.set)
 
 
-def mean_iou(result: dict, classes: List[str]) -> float:
-    iou = result["IoU"]
-    vals = [iou[c] for c in classes if iou.get(c) is not None]
-    return float(np.mean(vals)) if vals else float("nan")
+def run_all(a, root: Path, variants: Dict[str, tuple], names: List[str], common: List[str]) -> Dict[str, Dict[int, dict]]:
+    """Seeds outer, variants inner: an interrupted study has whole seeds to pair first."""
+    from eglp_dist import study
+
+    results: Dict[str, Dict[int, dict]] = {n: {} for n in names}
+    for seed in a.seeds:
+        for name in names:
+            config, extra = variants[name]
+            print(f"== {name}, seed {seed}", flush=True)
+            spec = study.RunSpec(name, config, tuple(common + list(extra)), seed=seed, iters=a.iters)
+            results[name][seed] = measure(study.run_cached(spec, root), a.iters)
+            (root / "results.json").write_text(json.dumps(results, indent=1))
+    return results
 
 
-def table(results: Dict[str, List[dict]], seeds, rare: List[str], low: List[str], iters: int) -> str:
-    head = ["variant", "night mIoU (mean)"] + [f"seed {s}" for s in seeds] + ["rare classes IoU", "low-DNIS classes IoU"]
+# ----------------------------------------------------------------------------- tables
+
+def eglp_tables(results: Dict[str, Dict[int, dict]], seeds: List[int]) -> str:
+    from eglp_dist.study import classes_to_gain, fmt, paired, rare_classes
+
+    def col(name, key):
+        return [results[name][s].get(key, float("nan")) for s in seeds]
+
+    head = (["variant", "night mIoU (mean)"] + [f"seed {s}" for s in seeds]
+            + ["night-changed classes IoU", "rare classes IoU", "pseudo weight (2nd half)", "final pseudo-label mIoU"])
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, res in results.items():
-        m = [100 * r["mIoU"] for r in res]
-        rows.append("| " + " | ".join([name, f"{np.mean(m):.2f}"] + [f"{x:.2f}" for x in m]
-                                      + [f"{100 * np.mean([mean_iou(r, rare) for r in res]):.2f}",
-                                         f"{100 * np.mean([mean_iou(r, low) for r in res]):.2f}"]) + " |")
-    notes = (f"\n{iters} iterations, 2 CPU ranks (gloo), tiny HRDA (MiT-b0), batch 2+2(+2 prompts) per rank, "
-             f"synthetic night validation (24 images).\nRare classes: {', '.join(rare)} "
-             f"(IoU averaged over those present in validation). Low-DNIS classes (lowest DNIS at the end of "
-             f"EGLP seed {seeds[0]}): {', '.join(low)}.\n")
-    return "\n".join(rows) + notes
+    for name in results:
+        m = col(name, "mIoU")
+        final = [results[name][s]["pseudo"].get("final", {}).get("mIoU", float("nan")) for s in seeds]
+        rows.append("| " + " | ".join([name, fmt(np.mean(m))] + [fmt(x) for x in m]
+                                      + [fmt(np.mean(col(name, "changed"))), fmt(np.mean(col(name, "rare"))),
+                                         fmt(np.nanmean(col(name, "pseudo_confidence")) if name != "source-only"
+                                             else float("nan"), 3),
+                                         fmt(np.mean(final))]) + " |")
+    out = ["\n".join(rows), ""]
+    # pseudo-label quality per source
+    head = ["variant"] + [f"{src} {g}" for src in SOURCES for g in ("mIoU", "changed", "rare")]
+    prow = ["| variant | source | pseudo-label mIoU | weighted mIoU | night-changed classes | rare classes |", "|---|---|---|---|---|---|"]
+    for name in results:
+        for src in SOURCES:
+            vals = [results[name][s]["pseudo"].get(src) for s in seeds]
+            if any(v is None for v in vals):
+                continue
+            prow.append("| " + " | ".join([name, src] + [fmt(np.mean([v[g] for v in vals]))
+                                                         for g in ("mIoU", "weighted_mIoU", "changed", "rare")]) + " |")
+    out += ["Pseudo-label IoU against the target's ground truth (mean over seeds of the second-half mean):", "",
+            "\n".join(prow), ""]
+    # paired differences
+    drow = ["| a - b | metric | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | a > b in |",
+            "|---|---|" + "---|" * (len(seeds) + 2)]
+    for a_, b_ in COMPARISONS:
+        if a_ not in results or b_ not in results:
+            continue
+        for key, label in (("mIoU", "night mIoU"), ("changed", "changed-classes IoU"), ("rare", "rare-classes IoU")):
+            p = paired(col(a_, key), col(b_, key))
+            drow.append(f"| {a_} - {b_} | {label} | " + " | ".join(f"{d:+.2f}" for d in p["diffs"])
+                        + f" | {p['mean']:+.2f} | {p['positive']}/{p['n']} |")
+    out += ["Paired per-seed differences (same seed, same data, same stage 0):", "", "\n".join(drow), ""]
+    out.append(f"Night-changed classes (designed change >= 0.35, fixed in advance): {', '.join(classes_to_gain())}. "
+               f"Rare classes (RCM's): {', '.join(rare_classes())}.")
+    return "\n".join(out)
 
 
-def spn_table(results: Dict[str, List[dict]], seeds, iters: int) -> str:
-    """Average over the unseen styles (mean over seeds and each seed), then each style."""
+def eglp_chart(results: Dict[str, Dict[int, dict]], seeds: List[int], path: Path) -> None:
+    """Per-class night IoU (mean over seeds) of the main rows, classes by designed night change."""
+    from eglp_dist.charts import class_iou_chart
+    from eglp_dist.data.labels import CLASSES
+    from eglp_dist.data.synth_render import night_change
+
+    change = night_change()
+    order = sorted(range(len(CLASSES)), key=lambda c: -change[c])
+    rows = [n for n in ("source-only", "UDA (HRDA)", "PIG-style", "EGLP") if n in results]
+    ious = {}
+    for n in rows:
+        per = [results[n][s]["eval"]["targets"]["acdc_night"]["IoU"] for s in seeds]
+        ious[n] = {c: (float(np.mean([p[c] for p in per])) if all(p.get(c) is not None for p in per) else None)
+                   for c in CLASSES}
+    class_iou_chart(ious, [CLASSES[c] for c in order], path,
+                    f"night IoU per class, mean of seeds {seeds}; under each class its designed night change",
+                    [float(change[c]) for c in order])
+
+
+def spn_tables(results: Dict[str, Dict[int, dict]], seeds: List[int]) -> str:
+    from eglp_dist.study import fmt, paired
+
     head = ["variant", "unseen-style average mIoU"] + [f"seed {s}" for s in seeds] + list(SPN_TARGETS)
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    avg = {}
     for name, res in results.items():
-        avg = [100 * r["mIoU"] for r in res]
-        per = [f"{100 * np.mean([r['targets'][t]['mIoU'] for r in res]):.2f}" for t in SPN_TARGETS]
-        rows.append("| " + " | ".join([name, f"{np.mean(avg):.2f}"] + [f"{x:.2f}" for x in avg] + per) + " |")
-    notes = (f"\n{iters} iterations, 2 CPU ranks (gloo), tiny DeepLabV3+ (ResNet-18 [1,1,1,1], random init), "
-             f"SGD lr 0.01 poly 0.9, batch 4 per rank, class-uniform sampling 0.5, RobustNet's jitter and blur; "
-             f"source: synthetic GTA5 (game style, 96 images); targets: the same 24 validation streets rendered "
-             f"day / night / fog / rain (full strength).\n")
-    return "\n".join(rows) + notes
+        avg[name] = [100 * res[s]["eval"]["mIoU"] for s in seeds]
+        per = [fmt(np.mean([100 * res[s]["eval"]["targets"][t]["mIoU"] for s in seeds])) for t in SPN_TARGETS]
+        rows.append("| " + " | ".join([name, fmt(np.mean(avg[name]))] + [fmt(x) for x in avg[name]] + per) + " |")
+    names = list(results)
+    out = ["\n".join(rows), ""]
+    if len(names) == 2:
+        p = paired(avg[names[1]], avg[names[0]])
+        out.append(f"Paired per-seed differences {names[1]} - {names[0]}: "
+                   + ", ".join(f"{d:+.2f}" for d in p["diffs"]) + f"; mean {p['mean']:+.2f}; "
+                   f"positive in {p['positive']}/{p['n']} seeds.")
+    return "\n".join(out)
 
 
-def run_eglp(a, out: Path, env) -> str:
-    from eglp_dist.data.labels import CLASSES
-    from eglp_dist.demo import prepare_data
-    from eglp_dist.methods.config import EGLP_RARE
+# ----------------------------------------------------------------------------- main
 
-    data_args = eglp_data_args(prepare_data(out / "data"))
-    names = a.only or list(VARIANTS)
-    results: Dict[str, List[dict]] = {}
-    for name in names:
-        print(f"== {name}", flush=True)
-        results[name] = [train_variant(VARIANTS[name], name, s, a.iters, out, data_args, env)["targets"]["acdc_night"]
-                         for s in a.seeds]
-    rare = [CLASSES[c] for c in EGLP_RARE]
-    low: List[str] = []
-    if "EGLP" in names:
-        dnis = final_dnis(out / "runs" / f"{slug('EGLP')}_s{a.seeds[0]}")
-        low = sorted(dnis, key=dnis.get)[: a.low_k]
-    return table(results, a.seeds, rare, low, a.iters)
-
-
-def run_spn(a, out: Path, env) -> str:
-    from eglp_dist.demo import prepare_dg_data
-
-    data_args = spn_data_args(prepare_dg_data(out / "data"))
-    results = {}
-    for name in a.only or list(SPN_VARIANTS):
-        print(f"== {name}", flush=True)
-        results[name] = [train_variant(SPN_VARIANTS[name], name, s, a.iters, out, data_args, env) for s in a.seeds]
-    return spn_table(results, a.seeds, a.iters)
+def git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "eglp_dist", "configs", "tools"],
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("+uncommitted" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", nargs="?", default="eglp", choices=["eglp", "spn"])
-    p.add_argument("--out", default=None, help="default: runs/ablation (eglp), runs/ablation_spn (spn)")
-    p.add_argument("--iters", type=int, default=None, help="default: 300 (eglp), 1500 (spn)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--low-k", type=int, default=4)
-    p.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
+    p.add_argument("--out", default=None, help="result folder (default: runs/ablation, runs/ablation_spn)")
+    p.add_argument("--iters", type=int, default=None, help="iterations of each variant (default: 300 eglp, 1500 spn)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--pretrain", type=int, default=0, metavar="ITERS",
+                   help="stage 0: source-only iterations every variant starts from (0: random init)")
+    p.add_argument("--pretrain-seed", type=int, default=0, help="seed of stage 0 (one stage 0 per study)")
+    p.add_argument("--init", choices=["whole", "encoder"], default=None,
+                   help="start from stage 0's whole model or its encoder only (default: whole for eglp, "
+                        "encoder for spn)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every variant")
+    p.add_argument("--night-strength", type=float, default=0.5, help="synthetic night's strength (0..1)")
+    p.add_argument("--prompts", type=int, default=6, help="labelled night prompt images")
+    p.add_argument("--val-images", type=int, default=24, help="validation images per target")
+    p.add_argument("--train-images", type=int, default=96, help="training images per stream")
+    p.add_argument("--only", nargs="*", default=None, help="variant names to run (default: the main rows)")
     a = p.parse_args(argv)
-    if (ROOT / "eglp_dist").is_dir():  # run from a checkout, uninstalled
-        sys.path.insert(0, str(ROOT))
+    from eglp_dist import study
+
     a.iters = a.iters or {"eglp": 300, "spn": 1500}[a.study]
-    out = Path(a.out or {"eglp": "runs/ablation", "spn": "runs/ablation_spn"}[a.study])
+    a.init = a.init or DEFAULT_INIT[a.study]
+    root = Path(a.out or {"eglp": "runs/ablation", "spn": "runs/ablation_spn"}[a.study])
+    root.mkdir(parents=True, exist_ok=True)
+    variants = VARIANTS if a.study == "eglp" else SPN_VARIANTS
+    names = a.only or (DEFAULT_ROWS if a.study == "eglp" else list(SPN_VARIANTS))
+    unknown = [n for n in names if n not in variants]
+    if unknown:
+        raise SystemExit(f"ablate: unknown variant(s) {unknown}; known: {list(variants)}")
     t0 = time.perf_counter()
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    text = (run_eglp if a.study == "eglp" else run_spn)(a, out, env)
-    (out / "ablation.md").write_text(text)
+    with open(root / "commands.sh", "a") as f:
+        f.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} commit {git_commit()}: ablate {' '.join(sys.argv[1:] if argv is None else argv)}\n")
+    if a.study == "eglp":
+        data = study.NightData(a.night_strength, a.prompts, a.val_images, a.train_images)
+        data_args = study.eglp_data_args(data.prepare(root))
+    else:
+        from eglp_dist.data.synth_tasks import prepare_dg_data
+
+        data_args = spn_data_args(prepare_dg_data(root / "data" / f"dg_v{a.val_images}_t{a.train_images}",
+                                                  n_train=a.train_images, n_val=a.val_images))
+    common = common_args(a, root, data_args)
+    results = run_all(a, root, variants, names, common)
+    text = (eglp_tables if a.study == "eglp" else spn_tables)(results, a.seeds)
+    if a.study == "eglp":
+        eglp_chart(results, a.seeds, root / "class_iou.png")
+    wall = time.perf_counter() - t0
+    text += (f"\n\nCommit {git_commit()}; {a.iters} iterations per variant, stage 0 {a.pretrain} iterations "
+             f"(init {a.init if a.pretrain else 'random'}), seeds {a.seeds}; this invocation {wall:.0f} s "
+             f"(cached runs not retrained). Commands: {root / 'commands.sh'}.\n")
+    (root / "ablation.md").write_text(text)
     print("\n" + text)
-    print(f"total {time.perf_counter() - t0:.0f} s; table in {out / 'ablation.md'}")
     return 0
 
 

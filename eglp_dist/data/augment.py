@@ -170,6 +170,11 @@ class Augmenter:
             seg = pad_label(seg[:, ::-1] if flip else seg, pad_hw)
         return geom, seg
 
+    def label_under(self, geom: Geometry, label: np.ndarray) -> np.ndarray:
+        """The label under a geometry drawn without it (crop, flip, pad as ``draw`` does)."""
+        seg = crop_label(label, geom.scaled_hw, geom.crop_yx[0], geom.crop_yx[1], geom.out_hw, self.resample)
+        return pad_label(seg[:, ::-1] if geom.flip else seg, geom.pad_hw)
+
 
 def pad_label(seg: np.ndarray, hw: Tuple[int, int]) -> np.ndarray:
     """Pad bottom/right with ignore (MMSeg Pad seg_pad_val=255)."""

@@ -22,7 +22,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from eglp_dist.data.planning import Prefetcher, SampleSource, collate_segs, to_device
+from eglp_dist.data.planning import Prefetcher, SampleSource, attach_labels, to_device
 from eglp_dist.data.shards import SEG_EXT
 from eglp_dist.errors import ConfigError, DataError
 
@@ -133,11 +133,7 @@ class DaliTrainProducer:
             raise decode_error(exc, self.plans.get(step, [])) from None
         plans = self.plans.pop(step)
         batch = {"img": to_torch(images, self.device), "meta": [p.meta for p in plans]}
-        if self.source.with_labels:
-            batch["seg"], batch["label_counts"] = collate_segs([p.seg for p in plans],
-                                                          tuple(batch["img"].shape[-2:]), self.device,
-                                                          [p.label_counts for p in plans])
-        return batch
+        return attach_labels(batch, plans, tuple(batch["img"].shape[-2:]), self.device)
 
     def close(self) -> None:
         self.prefetch.close()

@@ -53,12 +53,12 @@ class TrainStream:
     """
 
     def __init__(self, name: str, stream_cfg, data_cfg, rank: int, world_size: int, seed: int,
-                 device):
+                 device, ground_truth: bool = False):
         check_stream(stream_cfg, f"data.{name}")
         self.name, self.rank, self.world_size = name, rank, world_size
         self.device = torch.device(device)
         self.stream_cfg, self.data_cfg = stream_cfg, data_cfg
-        self.source = SampleSource(name, stream_cfg, rank, world_size, seed, data_cfg.resample)
+        self.source = SampleSource(name, stream_cfg, rank, world_size, seed, data_cfg.resample, ground_truth)
         self.backend = backend_of(data_cfg)
         self.step = 0
         self._producer = None
@@ -118,17 +118,18 @@ class TrainStream:
 
 
 def build_train_stream(stream_cfg, data_cfg, rank: int = 0, world_size: int = 1,
-                       seed: Optional[int] = None, device="cpu", name: Optional[str] = None
-                       ) -> TrainStream:
+                       seed: Optional[int] = None, device="cpu", name: Optional[str] = None,
+                       ground_truth: bool = False) -> TrainStream:
     """An infinite, exactly resumable stream of augmented batches for one rank.
 
     ``stream_cfg`` is one of ``data_cfg.source/target/prompt`` (its name is found by
-    identity, or pass ``name``); ``seed`` defaults to ``data_cfg.seed``.
+    identity, or pass ``name``); ``seed`` defaults to ``data_cfg.seed``. ``ground_truth``:
+    an unlabelled stream's labels on the batch as ``gt``, for diagnostics (``SampleSource``).
     """
     check_data_config(data_cfg)
     name = name or _stream_name(stream_cfg, data_cfg)
     return TrainStream(name, stream_cfg, data_cfg, rank, world_size,
-                       data_cfg.seed if seed is None else seed, device)
+                       data_cfg.seed if seed is None else seed, device, ground_truth)
 
 
 class EvalLoader:

@@ -22,7 +22,7 @@ from PIL import Image
 
 from eglp_dist.data.augment import eval_geometry, resample_box
 from eglp_dist.data.codecs import BadSample, decode_seg, load_rgb
-from eglp_dist.data.planning import Prefetcher, SampleSource, batch_hw, collate_segs, normalise_into
+from eglp_dist.data.planning import Prefetcher, SampleSource, attach_labels, batch_hw, normalise_into
 from eglp_dist.data.shards import SEG_EXT, image_ext
 from eglp_dist.errors import DataError
 
@@ -67,10 +67,7 @@ class PilTrainProducer:
         img = torch.zeros((len(plans), 3) + hw, dtype=torch.float32, device=self.device)
         batch = {"img": normalise_into(img, [a for a, _ in results], self.mean, self.std),
                  "meta": [p.meta for p in plans]}
-        if self.source.with_labels:
-            batch["seg"], batch["label_counts"] = collate_segs([p.seg for p in plans], hw, self.device,
-                                                          [p.label_counts for p in plans])
-        return batch
+        return attach_labels(batch, plans, hw, self.device)
 
     def close(self) -> None:
         self.prefetch.close()

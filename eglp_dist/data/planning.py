@@ -40,6 +40,9 @@ class Planned:
     # (256,) pixels per label value of ``seg``, counted here in the prefetch thread, off the
     # step's path (ClassMix's candidates, the rare-class memory's counts: no GPU sync)
     label_counts: Optional[np.ndarray] = None
+    # ground truth of an unlabelled stream, for diagnostics only (``SampleSource(ground_truth=
+    # True)``): the same crop and flip as the image, drawn *without* looking at it
+    gt: Optional[np.ndarray] = None
 
 
 def stream_salt(name: str) -> int:
@@ -59,14 +62,23 @@ class SampleSource:
     """Decides training sample (step, slot) of one rank: pick, read, label crop, geometry."""
 
     def __init__(self, name: str, stream_cfg, rank: int, world_size: int, seed: int,
-                 resample: str = "mmcv"):
+                 resample: str = "mmcv", ground_truth: bool = False):
+        """``ground_truth``: an unlabelled stream (``with_labels=false``) reads its labels
+        anyway, for diagnostics only (the pseudo-label IoU): they never decide a crop (the
+        geometry is drawn as without them, so the batches are the same) and reach the batch
+        as ``gt``, never as ``seg``, so no loss can take them by mistake."""
         self.reader = open_stream_shards(name, stream_cfg)
         self.manifest = self.reader.manifest
         self.with_labels = bool(stream_cfg.with_labels)
-        if self.with_labels and not self.manifest.labelled:
-            raise ConfigError(f"data.{name}.with_labels: {stream_cfg.shards} has no labels "
-                              f"(packed from an unlabelled split); set with_labels=false")
-        if self.with_labels:
+        self.ground_truth = bool(ground_truth) and not self.with_labels
+        for wanted, key in ((self.with_labels, "with_labels"), (self.ground_truth, "ground truth")):
+            if wanted and not self.manifest.labelled:
+                raise ConfigError(f"data.{name}.{key}: {stream_cfg.shards} has no labels "
+                                  f"(packed from an unlabelled split); set with_labels=false"
+                                  if key == "with_labels" else
+                                  f"data.{name}: the pseudo-label diagnostic needs labels, but "
+                                  f"{stream_cfg.shards} has none (packed from an unlabelled split)")
+        if self.with_labels or self.ground_truth:
             self.reader.require(SEG_EXT)
         self.name, self.rank, self.seed, self.salt = name, rank, seed, stream_salt(name)
         self.batch_size = int(stream_cfg.batch_size)
@@ -85,13 +97,14 @@ class SampleSource:
         info = self.manifest.sample(pick.index)
         label = None
         origin = self.reader.origin(pick.index)
-        if self.with_labels:
+        if self.with_labels or self.ground_truth:
             try:
                 label = decode_seg(comps[SEG_EXT], f"{origin}.{SEG_EXT}")
             except BadSample as exc:
                 raise DataError(str(exc)) from None
         w, h = info["size"]
-        geom, seg = self.augment.draw(rng, (h, w), label, pick)
+        geom, seg = self.augment.draw(rng, (h, w), label if self.with_labels else None, pick)
+        gt = self.augment.label_under(geom, label) if self.ground_truth else None
         meta = {"key": info["key"], "source": info["source"], "index": pick.index,
                 "dataset": info.get("dataset", self.manifest.data["dataset"]),
                 "split": info.get("split", self.manifest.data["split"]),
@@ -100,7 +113,7 @@ class SampleSource:
             meta["sampled_class"] = pick.cls
         ext = image_ext(comps)
         counts = np.bincount(seg.ravel(), minlength=256) if seg is not None else None
-        return Planned(comps[ext], geom, seg, meta, f"{origin}.{ext}", counts)
+        return Planned(comps[ext], geom, seg, meta, f"{origin}.{ext}", counts, gt)
 
 
 class Prefetcher:
@@ -172,6 +185,17 @@ def collate_segs(segs: Sequence[np.ndarray], hw, device,
         else:
             table[i] = np.bincount(out[i].ravel(), minlength=256)
     return to_device(torch.from_numpy(out), device).long(), torch.from_numpy(table)
+
+
+def attach_labels(batch: dict, plans: Sequence[Planned], hw, device) -> dict:
+    """The plans' labels on the batch (both back-ends): ``seg`` + ``label_counts`` of a
+    labelled stream, ``gt`` of a stream whose labels are read for diagnostics only."""
+    if plans and plans[0].seg is not None:
+        batch["seg"], batch["label_counts"] = collate_segs([p.seg for p in plans], hw, device,
+                                                          [p.label_counts for p in plans])
+    if plans and plans[0].gt is not None:
+        batch["gt"] = collate_segs([p.gt for p in plans], hw, device)[0]
+    return batch
 
 
 def batch_hw(geoms: Sequence[Geometry]) -> tuple:

@@ -37,7 +37,7 @@ WIDTH = 1 + 2 * NUM_FEATURES  # count, sums, sums of squares
 
 
 class DNIS:
-    def __init__(self, num_classes: int, mean, std, momentum: float = 0.99, temperature: float = 0.1,
+    def __init__(self, num_classes: int, mean, std, momentum: float = 0.99, temperature: float = 0.5,
                  min_confidence: float = 0.968, device="cpu"):
         self.k, self.mean, self.std = num_classes, list(mean), list(std)
         self.momentum, self.temperature, self.min_confidence = momentum, temperature, min_confidence

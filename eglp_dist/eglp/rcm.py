@@ -13,11 +13,17 @@ EGLP names the module and its two levels; the mechanics are ours:
   (NFNet) image at random places, rare classes drawn uniformly among non-empty banks; day
   patches are moved towards night photometry first: in log intensity (see
   ``similarity.pixel_features``) by the class's night-minus-day mean shift that DNIS holds.
-* **Label level**: pasted pixels carry their class with weight 1; and rare classes get
-  class-wise confidence thresholds, ``min(threshold, mean confidence of the teacher on pixels
-  it labels c)``, from sums and counts all-reduced with DNIS's statistics (one collective),
-  so that the global 0.968 does not zero the weight of classes the teacher is never that
-  sure of.
+  NFNet's dark mix gets **night (prompt) patches only** by default (``night_only``): NFNet is
+  "a network trained specifically on night images"; day patches there only behind
+  ``method.eglp.rcm.day_patches_to_nfnet``.
+* **Label level**: pasted pixels carry their class with weight 1; and rare-class *pixels*
+  the UDA teacher is confident of by their class's own standard, ``max prob >= min(threshold,
+  its mean confidence on pixels it labels c)``, get weight 1 (:func:`rare_pixel_weights`):
+  the global 0.968 would zero the weight of classes the teacher is never that sure of. The
+  per-image weight of every other pixel stays DAFormer's share at the global threshold (a
+  lowered threshold feeding the image's share would lift every pixel of the image, rare or
+  not). The mean confidences come from sums and counts all-reduced with DNIS's statistics
+  (one collective) and are run-wide state (:class:`ClassConfidence`, saved once).
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ import torch
 from torch import Tensor
 
 from eglp_dist.device_constants import class_mask, constant
+from eglp_dist.errors import ConfigError
 
 
 def label_counts(segs: Tensor) -> Tensor:
@@ -53,8 +60,6 @@ class RareClassMemory:
         self.night = torch.zeros(n, capacity, dtype=torch.bool)  # host
         self.filled = torch.zeros(n, dtype=torch.long)  # entries in use (host)
         self.next = torch.zeros(n, dtype=torch.long)  # ring position (host)
-        # confidence sums of the teacher per class (sum of max prob, count), reduced
-        self.conf = torch.zeros(2, num_classes, dtype=torch.float64, device=device)
 
     # -- bank ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -91,23 +96,26 @@ class RareClassMemory:
 
     @torch.no_grad()
     def paste(self, images: Tensor, segs: Tensor, weights: Optional[Tensor], per_image: int,
-              generator: torch.Generator, night_shift: Optional[Tensor] = None, mean=None, std=None
-              ) -> Tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
+              generator: torch.Generator, night_shift: Optional[Tensor] = None, mean=None, std=None,
+              night_only: bool = False) -> Tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
         """Paste ``per_image`` patches into each image; returns (images, labels, weights with 1
         on pasted pixels, pasted-pixel mask). ``night_shift`` (K, 3): per class the log-intensity
-        shift (night - day mean) applied to day patches (needs the normalisation mean/std)."""
+        shift (night - day mean) applied to day patches (needs the normalisation mean/std).
+        ``night_only``: only patches stored from night (prompt) images."""
         images, segs = images.clone(), segs.clone()
         weights = weights.clone() if weights is not None else None
         b, _, h, w = images.shape
         p = self.patch
         pasted = torch.zeros(b, h, w, dtype=torch.bool, device=images.device)
-        banks = [j for j in range(len(self.classes)) if int(self.filled[j]) > 0]
+        entries = {j: [e for e in range(int(self.filled[j])) if not night_only or bool(self.night[j, e])]
+                   for j in range(len(self.classes))}  # host bookkeeping: no sync
+        banks = [j for j, es in entries.items() if es]
         if not banks or per_image <= 0 or p > min(h, w):
             return images, segs, weights, pasted
         for i in range(b):
             for _ in range(per_image):
                 j = banks[int(torch.randint(len(banks), (1,), generator=generator))]
-                e = int(torch.randint(int(self.filled[j]), (1,), generator=generator))
+                e = entries[j][int(torch.randint(len(entries[j]), (1,), generator=generator))]
                 y = int(torch.randint(h - p + 1, (1,), generator=generator))
                 x = int(torch.randint(w - p + 1, (1,), generator=generator))
                 patch, mask = self.images[j, e], self.masks[j, e]
@@ -124,7 +132,40 @@ class RareClassMemory:
                 pasted[i, y:y + p, x:x + p] |= mask
         return images, segs, weights, pasted
 
-    # -- label level -----------------------------------------------------------------------------
+    # -- checkpoint (per rank) --------------------------------------------------------------------
+    STATE_KEYS = ("images", "masks", "night", "filled", "next")
+
+    def state_dict(self) -> Dict[str, Tensor]:
+        return {k: getattr(self, k).clone() for k in self.STATE_KEYS}
+
+    def load_state_dict(self, state: Dict[str, Tensor]) -> None:
+        """A bank saved with the same classes, capacity and patch size; a ConfigError naming
+        the keys (and the saved vs configured shapes) otherwise."""
+        keys = set(state)
+        if keys != set(self.STATE_KEYS):
+            raise ConfigError(f"rare class memory checkpoint: keys {sorted(keys)} do not match "
+                              f"{sorted(self.STATE_KEYS)} (saved by another version?)")
+        bad = [f"{k} saved {tuple(state[k].shape)} vs configured {tuple(getattr(self, k).shape)}"
+               for k in self.STATE_KEYS if tuple(state[k].shape) != tuple(getattr(self, k).shape)]
+        if bad:
+            raise ConfigError("method.eglp.rcm.{classes,capacity,patch}: the checkpoint's memory bank "
+                              f"has another shape ({'; '.join(bad)}); resume with the settings it was "
+                              f"trained with (classes {len(self.classes)}, capacity {self.capacity}, "
+                              f"patch {self.patch} now)")
+        for k in self.STATE_KEYS:
+            getattr(self, k).copy_(state[k])
+
+
+class ClassConfidence:
+    """The UDA teacher's confidence per predicted class (sum of max prob, count), an EMA of
+    sums reduced across ranks every step: identical on every rank, so run-wide state (saved
+    once by rank 0 and loaded by every rank, also by a rank a checkpoint did not have)."""
+
+    def __init__(self, classes: Sequence[int], num_classes: int, device="cpu"):
+        self.classes = [int(c) for c in classes]
+        self.k = num_classes
+        self.conf = torch.zeros(2, num_classes, dtype=torch.float64, device=device)
+
     def confidence_sums(self, prob_max: Tensor, label: Tensor) -> Tensor:
         """(2, K) this step's [sum of max prob, count] per predicted class (to be reduced)."""
         lab = label.reshape(-1)
@@ -145,13 +186,25 @@ class RareClassMemory:
         lowered = torch.minimum(out, mean_conf.float())
         return torch.where(rare & (self.conf[1] > 0), lowered, out)
 
-    # -- checkpoint (per rank) --------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Tensor]:
-        return {k: getattr(self, k).clone() for k in ("images", "masks", "night", "filled", "next", "conf")}
+        return {"conf": self.conf.clone()}
 
     def load_state_dict(self, state: Dict[str, Tensor]) -> None:
-        for k, v in state.items():
-            getattr(self, k).copy_(v)
+        if tuple(state["conf"].shape) != tuple(self.conf.shape):
+            raise ConfigError(f"model.num_classes: the checkpoint's rare-class confidences have shape "
+                              f"{tuple(state['conf'].shape)}, this run {tuple(self.conf.shape)}")
+        self.conf.copy_(state["conf"])
+
+
+@torch.no_grad()
+def rare_pixel_weights(weight: Tensor, label: Tensor, prob_max: Tensor, thresholds: Tensor,
+                       rare: Tensor, valid: Tensor) -> Tuple[Tensor, Tensor]:
+    """RCM's label level: (B, H, W) loss weights where every pixel labelled with a rare class
+    (``rare`` (K,) bool) whose max probability reaches its class's threshold weighs 1, inside
+    the valid area (``valid`` (H, W): 0 on the ignored margins); every other pixel keeps
+    ``weight`` (the image's DAFormer share). Returns (weights, boosted-pixel mask)."""
+    boosted = rare[label] & prob_max.ge(thresholds[label]) & (valid > 0)
+    return torch.where(boosted, torch.ones_like(weight), weight), boosted
 
 
 def to_night(patch: Tensor, shift: Tensor, mean, std) -> Tensor:

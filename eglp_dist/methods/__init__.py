@@ -19,5 +19,8 @@ def build_method(cfg, env, device):
     name = cfg.method.name
     if name not in METHODS:
         raise ConfigError(f"method.name={name!r}: unknown (available: {', '.join(METHODS)})")
+    from eglp_dist.config_fields import check_class_lists
+
+    check_class_lists(cfg.method, cfg.model.num_classes, "method.")
     module_name, cls_name = METHODS[name].split(":")
     return getattr(importlib.import_module(module_name), cls_name)(cfg, env, device)

@@ -38,6 +38,9 @@ class Method:
     """Base of every recipe: the student engine, the generator and the checkpoint plumbing."""
 
     streams: Tuple[str, ...] = ("source",)
+    # streams whose labels the loop reads for diagnostics only (batch key ``gt``): UDA's
+    # target when the pseudo-label IoU is on
+    ground_truth_streams: Tuple[str, ...] = ()
 
     def __init__(self, cfg, env: DistEnv, device: torch.device):
         self.cfg, self.env, self.device = cfg, env, device
@@ -86,6 +89,10 @@ class Method:
         for state in self.modules.values():
             if hasattr(state, "sync_buffers"):
                 state.sync_buffers()
+
+    def counters(self) -> list:
+        """Counts reduced and summarised at each log interval (``logging.Counter``)."""
+        return []
 
     def lrs(self) -> Dict[str, float]:
         return {f"{name}/{i}": lr for name, eng in self.engines.items() for i, lr in enumerate(eng.lrs())}

@@ -12,14 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from eglp_dist.config_fields import choice, in_range, non_negative, positive, probability
+from eglp_dist.config_fields import choice, class_list, in_range, non_negative, positive, probability
 
 DAFORMER_FD_CLASSES = [6, 7, 11, 12, 13, 14, 15, 16, 17, 18]  # "things" of Cityscapes' 19
 
 
 @dataclass
 class TeacherConfig:
-    alpha: float = positive(0.999)  # alpha_t = min(1 - 1/(t+1), alpha)
+    alpha: float = probability(0.999)  # alpha_t = min(1 - 1/(t+1), alpha)
 
 
 @dataclass
@@ -34,9 +34,9 @@ class PseudoLabelConfig:
 @dataclass
 class MixConfig:
     enabled: bool = True  # ClassMix of source classes onto the target
-    jitter_p: float = non_negative(0.8)  # colour jitter probability (DAFormer: U > 0.2)
+    jitter_p: float = probability(0.8)  # colour jitter probability (DAFormer: U > 0.2)
     jitter_strength: float = non_negative(0.2)
-    blur_p: float = non_negative(0.5)
+    blur_p: float = probability(0.5)
     blur_sigma: List[float] = field(default_factory=lambda: [0.15, 1.15])
 
 
@@ -44,8 +44,8 @@ class MixConfig:
 class FeatureDistanceConfig:
     enabled: bool = True
     weight: float = non_negative(0.005)  # DAFormer's imnet_feature_dist_lambda
-    classes: Optional[List[int]] = field(default_factory=lambda: list(DAFORMER_FD_CLASSES))  # None: all
-    min_ratio: float = positive(0.75)  # majority rule when downscaling the label to the features
+    classes: Optional[List[int]] = class_list(DAFORMER_FD_CLASSES)  # None: all
+    min_ratio: float = in_range(0.75, 0, 1, lo_open=True)  # majority rule when downscaling the label to the features
 
 
 @dataclass
@@ -53,7 +53,7 @@ class MaskingConfig:
     """MIC masked image consistency on the target (Hoyer et al., CVPR 2023)."""
     enabled: bool = False
     block_size: int = positive(64)
-    ratio: float = non_negative(0.7)  # share of blocks hidden
+    ratio: float = probability(0.7)  # share of blocks hidden
     weight: float = non_negative(1.0)
     color_aug: bool = True  # MIC jitters/blurs the target before masking
 
@@ -77,7 +77,7 @@ class NFNetConfig:
     dark_mix: bool = True  # half of the prompt crop pasted onto the target crop
     ams: bool = True  # odd iterations: the dark mix with blocks masked (AMS); even: as is (PMS)
     ams_block_size: int = positive(64)
-    ams_ratio: float = non_negative(0.7)
+    ams_ratio: float = probability(0.7)
 
 
 @dataclass
@@ -87,7 +87,7 @@ class FusionConfig:
     enabled: bool = True
     similarity: str = choice("stats", ["stats", "lpips"])  # lpips: PIG's; stats: ours, weight-free
     top_k: int = positive(4)
-    protected: List[int] = field(default_factory=lambda: list(PIG_PROTECTED))
+    protected: List[int] = class_list(PIG_PROTECTED)
     lpips_alexnet: Optional[str] = None  # torchvision AlexNet state_dict file (similarity=lpips)
 
 
@@ -100,43 +100,46 @@ EGLP_RARE = [6, 7, 11, 12, 13, 14, 15, 16, 17, 18]
 class DNISConfig:
     """Day-Night Image Similarity per class (eglp/dnis.py)."""
     enabled: bool = True
-    momentum: float = non_negative(0.99)  # EMA of the class sums over steps
+    momentum: float = probability(0.99)  # EMA of the class sums over steps
     temperature: float = positive(0.5)  # DNIS = exp(-distance / temperature)
-    min_confidence: float = positive(0.968)  # target pixels count as night evidence from here
+    min_confidence: float = probability(0.968)  # target pixels count as night evidence from here
 
 
 @dataclass
 class FISConfig:
-    """Fusion of pseudo-labels via image similarity: low-DNIS classes take NFNet's label."""
+    """Fusion of pseudo-labels via image similarity: low-DNIS classes take NFNet's label
+    (after DMS's mix when DMS is on: the two are stages of one pipeline, docs/eglp.md)."""
     enabled: bool = True
     mode: str = choice("bottom_k", ["bottom_k", "threshold"])
     k: int = positive(4)
-    threshold: float = non_negative(0.5)
-    protected: List[int] = field(default_factory=lambda: list(PIG_PROTECTED))
+    threshold: float = probability(0.5)  # DNIS lies in [0, 1]
+    protected: List[int] = class_list(PIG_PROTECTED)
 
 
 @dataclass
 class DMSConfig:
-    """Dynamic mixing: DNIS-weighted mix of the two teachers' probabilities (replaces the
-    hard FIS switch when enabled) and prompt classes pasted into the mixed images."""
+    """Dynamic mixing: DNIS-weighted mix of the two teachers' probabilities (then FIS, when
+    on, hands its classes to NFNet) and prompt classes pasted into the mixed images (also
+    without NFNet: the weights come from DNIS alone)."""
     enabled: bool = True
     gamma: float = positive(1.0)  # weight = ((max DNIS - DNIS) / range) ** gamma * max_weight
-    max_weight: float = non_negative(0.75)  # NFNet's largest share: UDA keeps >= 25 % everywhere
-    prompt_rate: float = non_negative(0.5)  # P(paste prompt class c) = prompt_rate * weight_c
+    max_weight: float = probability(0.75)  # NFNet's largest share: UDA keeps >= 25 % everywhere
+    prompt_rate: float = probability(0.5)  # P(paste prompt class c) = prompt_rate * weight_c (<= 1)
 
 
 @dataclass
 class RCMConfig:
     """Rare Class Memory (eglp/rcm.py)."""
     enabled: bool = True
-    classes: List[int] = field(default_factory=lambda: list(EGLP_RARE))
+    classes: List[int] = class_list(EGLP_RARE)
     capacity: int = positive(32)  # patches per class
     patch: int = positive(64)  # patch side in pixels (crops of the training resolution)
     min_pixels: int = positive(64)  # a class needs this many pixels in an image to be stored
     paste_per_image: int = non_negative(2)
     night_adjust: bool = True  # day patches moved towards night photometry (DNIS's shift)
-    class_thresholds: bool = True  # label level: rare classes' confidence thresholds
-    momentum: float = non_negative(0.99)  # EMA of the confidence sums
+    class_thresholds: bool = True  # label level: confident rare-class pixels weigh 1 (eglp/rcm.py)
+    momentum: float = probability(0.99)  # EMA of the confidence sums
+    day_patches_to_nfnet: bool = False  # NFNet's dark mix gets night (prompt) patches only
 
 
 @dataclass
@@ -163,6 +166,14 @@ class DGAugConfig:
 
 
 @dataclass
+class DiagnosticsConfig:
+    """Measurements that never touch the loss (methods/pseudo_iou.py)."""
+    # pseudo-label IoU of every pseudo-label source against the target's ground truth:
+    # null (auto) = on when the target's shards hold labels; true = an error if they do not
+    pseudo_label_iou: Optional[bool] = None
+
+
+@dataclass
 class MethodConfig:
     name: str = choice("source_only", ["source_only", "uda", "pig", "eglp", "spn"])
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -174,3 +185,4 @@ class MethodConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     eglp: EGLPConfig = field(default_factory=EGLPConfig)
     dg_aug: DGAugConfig = field(default_factory=DGAugConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)

@@ -1,4 +1,4 @@
-"""EGLP: PIG's night branch plus DNIS, FIS / DMS and the Rare Class Memory.
+"""EGLP: PIG's night branch plus DNIS, DMS and FIS, and the Rare Class Memory.
 
 On top of :class:`~eglp_dist.methods.pig.PIG` (which is UDA plus NFNet); the phases it
 changes or adds, every other one inherited:
@@ -8,20 +8,25 @@ changes or adds, every other one inherited:
 
 * ``pseudo_label_step``: both teachers' class probabilities on the target crop; this step's
   DNIS sums (source by GT; prompt by GT and confident target pixels) and RCM's confidence
-  sums are packed into **one** flat tensor and all-reduced (SUM) once, before fusion. Then:
-  DMS (``method.eglp.dms``) mixes the two teachers' probabilities class by class with
-  weights falling with DNIS -> label and confidence weight; or, DMS off, FIS
-  (``method.eglp.fis``) gives the low-DNIS classes NFNet's label; or, DNIS off, PIG's
-  similarity top-k. Confidence uses RCM's class-wise thresholds (label level).
-* ``prompt_paste_step`` (DMS): prompt pixels of classes NFNet is trusted with (low DNIS),
-  each class with probability ``prompt_rate * w_c``, pasted into the mixed image (weight 1).
-* ``rcm_paste_step`` and the dark mix: rare-class patches from the memory (weight 1).
+  sums are packed into **one** flat tensor and all-reduced (SUM) once, before fusion. Then,
+  as the EGLP README reads them, stages of one pipeline: **DMS** (``method.eglp.dms``) mixes
+  the two teachers' probabilities class by class with weights falling with DNIS -> label and
+  confidence weight; **FIS** (``method.eglp.fis``) then gives the lowest-DNIS classes NFNet's
+  label outright (a confident UDA prediction cannot be outvoted by DMS's mix alone); DNIS off,
+  PIG's similarity top-k instead. Last, RCM's label level: confident rare-class pixels weigh 1.
+* ``prompt_paste_step`` (DMS, with or without NFNet: its weights come from DNIS): prompt
+  pixels of classes NFNet is trusted with (low DNIS), each class with probability
+  ``prompt_rate * w_c``, pasted into the mixed image (weight 1).
+* ``rcm_paste_step`` and the dark mix: rare-class patches from the memory (weight 1; the dark
+  mix, NFNet's input, gets night patches only unless ``rcm.day_patches_to_nfnet``).
 
 Every switch is one override (``method.eglp.{dnis,fis,dms,rcm}.enabled``,
-``method.nfnet.enabled``), so each ablation is one line. docs/eglp.md says where each
-choice comes from.
+``method.nfnet.enabled``, ``method.eglp.dms.prompt_rate=0``), so each ablation is one line.
+docs/eglp.md says where each choice comes from.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -29,12 +34,13 @@ from eglp_dist.dist import comm
 from eglp_dist.eglp.dnis import DNIS, WIDTH, confident_labels
 from eglp_dist.eglp.fusion import (dms_weights, fis_classes, fuse_labels, mix_probabilities,
                                    prompt_class_masks)
-from eglp_dist.eglp.rcm import RareClassMemory
+from eglp_dist.eglp.rcm import ClassConfidence, RareClassMemory, rare_pixel_weights
+from eglp_dist.device_constants import class_mask
 from eglp_dist.errors import ConfigError
 from eglp_dist.eglp.similarity import moments
 from eglp_dist.methods.pig import PIG
-from eglp_dist.methods.pseudo_label import labels_from_probs
-from eglp_dist.methods.uda import StepState
+from eglp_dist.methods.pseudo_label import labels_from_probs, margin_mask
+from eglp_dist.methods.uda import StepState, require_paired_streams
 
 
 class EGLP(PIG):
@@ -43,23 +49,32 @@ class EGLP(PIG):
 
     def __init__(self, cfg, env, device):
         e = cfg.method.eglp
+        check_eglp_parts(cfg)
         super().__init__(cfg, env, device)
         k = cfg.model.num_classes
         self.dnis = DNIS(k, self.mean, self.std, e.dnis.momentum, e.dnis.temperature,
                          e.dnis.min_confidence, device) if e.dnis.enabled else None
         if self.dnis is not None:
             self.modules["dnis"] = self.dnis  # reduced: identical on every rank
-        self.rcm = None
+        self.rcm = self.rcm_conf = None
         if e.rcm.enabled:
             crop = min(cfg.data.target.crop_size or [e.rcm.patch])
             if e.rcm.patch > crop:
                 raise ConfigError(f"method.eglp.rcm.patch: {e.rcm.patch} px patches do not fit "
                                   f"{crop} px crops")
             self.rcm = RareClassMemory(e.rcm.classes, e.rcm.capacity, e.rcm.patch, e.rcm.min_pixels, k, device)
-        if self.dnis is None and self.similarity is None and cfg.method.nfnet.enabled and \
-                (e.fis.enabled or e.dms.enabled):
-            raise ConfigError("method.eglp.dnis.enabled=false: FIS/DMS need DNIS; use PIG's fusion "
-                              "(method.fusion.enabled=true) or switch fis/dms off")
+            self.rcm_conf = ClassConfidence(e.rcm.classes, k, device)
+            self.modules["rcm_confidence"] = self.rcm_conf  # reduced: run-wide state
+            self.rare = class_mask(list(e.rcm.classes), k, device)
+        if e.dms.enabled and not cfg.method.nfnet.enabled and env.is_main:
+            warnings.warn("method.nfnet.enabled=false: DMS keeps only its prompt paste (there is no "
+                          "second teacher to mix with)", stacklevel=2)
+
+    @staticmethod
+    def pseudo_label_sources(cfg) -> tuple:
+        e, n = cfg.method.eglp, cfg.method.nfnet.enabled
+        dms = n and e.dms.enabled and e.dnis.enabled
+        return ("teacher",) + (("nfnet",) if n else ()) + (("dms",) if dms else ()) + ("fused", "final")
 
     # -- statistics of the step: one collective ---------------------------------------------------
     def reduce_statistics(self, s: StepState, p_uda: torch.Tensor) -> None:
@@ -72,8 +87,8 @@ class EGLP(PIG):
             night = [(prompt["img"], prompt["seg"]),
                      (tgt["img"], confident_labels(label, prob_max, self.dnis.min_confidence))]
             parts.append(self.dnis.step_sums(src["img"], src["seg"], night).reshape(-1))
-        if self.rcm is not None:
-            parts.append(self.rcm.confidence_sums(prob_max, label).reshape(-1))
+        if self.rcm_conf is not None:
+            parts.append(self.rcm_conf.confidence_sums(prob_max, label).reshape(-1))
         if not parts:
             return
         flat = comm.all_reduce_sum(torch.cat([p.double() for p in parts]))  # the one collective
@@ -81,14 +96,8 @@ class EGLP(PIG):
             n = 2 * k * WIDTH
             self.dnis.fold(flat[:n])
             flat = flat[n:]
-        if self.rcm is not None:
-            self.rcm.update_confidence(flat.view(2, k), self.cfg.method.eglp.rcm.momentum)
-
-    def thresholds(self):
-        p = self.cfg.method.pseudo
-        if self.rcm is not None and self.cfg.method.eglp.rcm.class_thresholds:
-            return self.rcm.thresholds(p.threshold)
-        return p.threshold
+        if self.rcm_conf is not None:
+            self.rcm_conf.update_confidence(flat.view(2, k), self.cfg.method.eglp.rcm.momentum)
 
     # -- phases ----------------------------------------------------------------------------------
     def pseudo_label_step(self, s: StepState) -> None:
@@ -97,36 +106,46 @@ class EGLP(PIG):
         p_uda = torch.softmax(self.teacher_logits(self.teacher, self.student, tgt["img"]).float(), 1)
         self.reduce_statistics(s, p_uda)
         margins = (p.ignore_top, p.ignore_bottom, p.ignore_left, p.ignore_right)
-        uda_label, uda_weight, confidence = labels_from_probs(p_uda, self.thresholds(), *margins)
+        uda_label, uda_weight, confidence = labels_from_probs(p_uda, p.threshold, *margins)
+        self.observe(s, "teacher", uda_label, uda_weight)
         s.plabel, s.pweight = uda_label, uda_weight
-        s.logs["pseudo.confidence"] = confidence.mean()
         zero = torch.zeros((), device=p_uda.device)
-        s.logs["fusion.replaced"] = zero
-        s.logs["dms.mean_weight"] = zero
+        s.logs.update({"fusion.replaced": zero, "dms.mean_weight": zero})
+        dnis = seen = None
         if self.dnis is not None:
-            dnis = self.dnis.value()
+            dnis, seen = self.dnis.value(), self.dnis.seen()
             s.logs.update(self.dnis.logs(dnis))
-        if self.nfnet is None:
-            return
-        if self.dnis is None:  # PIG's fusion by image similarity (the ablation without DNIS+DMS)
-            if self.similarity is not None:
-                self.fuse_by_similarity(s)
-            return
-        seen = self.dnis.seen()
-        if e.dms.enabled:
+        if e.dms.enabled and dnis is not None:  # also without NFNet: the prompt paste uses them
             w = dms_weights(dnis, seen, e.dms.gamma, e.dms.max_weight, list(e.fis.protected))
-            p_night = torch.softmax(self.teacher_logits(self.nfnet_teacher, self.nfnet, tgt["img"]).float(), 1)
-            mixed = mix_probabilities(p_uda, p_night, w)
-            s.plabel, s.pweight, confidence = labels_from_probs(mixed, self.thresholds(), *margins)
-            s.logs["pseudo.confidence"] = confidence.mean()
-            s.logs["dms.mean_weight"] = w.mean()
             s.extra["dms_weights"] = w
-        elif e.fis.enabled:
-            night = self.night_label(tgt["img"])
-            chosen = fis_classes(dnis, seen, e.fis.mode, e.fis.k, e.fis.threshold, list(e.fis.protected))
-            s.plabel = fuse_labels(uda_label, night, chosen.expand(uda_label.shape[0], -1),
-                                   list(e.fis.protected))
-        s.logs["fusion.replaced"] = (s.plabel != uda_label).float().mean()
+            s.logs["dms.mean_weight"] = w.mean()
+        probs = p_uda
+        if self.nfnet is not None:
+            p_night = torch.softmax(self.teacher_logits(self.nfnet_teacher, self.nfnet, tgt["img"]).float(), 1)
+            night = p_night.argmax(1)
+            if dnis is None:  # PIG's fusion by image similarity (the ablation without DNIS)
+                if self.similarity is not None:
+                    self.fuse_by_similarity(s, night)
+            else:
+                if "dms_weights" in s.extra:
+                    probs = mix_probabilities(p_uda, p_night, s.extra["dms_weights"])
+                    s.plabel, s.pweight, confidence = labels_from_probs(probs, p.threshold, *margins)
+                    self.observe(s, "dms", s.plabel, s.pweight)
+                if e.fis.enabled:
+                    chosen = fis_classes(dnis, seen, e.fis.mode, e.fis.k, e.fis.threshold, list(e.fis.protected))
+                    s.plabel = fuse_labels(s.plabel, night, chosen.expand(uda_label.shape[0], -1),
+                                           list(e.fis.protected))
+            self.observe(s, "nfnet", night)
+            s.logs["fusion.replaced"] = (s.plabel != uda_label).float().mean()
+        s.logs["pseudo.confidence"] = confidence.mean()
+        if self.rcm_conf is not None and e.rcm.class_thresholds:
+            h, w_ = s.plabel.shape[-2:]
+            s.pweight, boosted = rare_pixel_weights(
+                s.pweight, s.plabel, probs.gather(1, s.plabel.unsqueeze(1)).squeeze(1),
+                self.rcm_conf.thresholds(p.threshold), self.rare, margin_mask(h, w_, *margins, device=s.pweight.device))
+            s.logs["rcm.boosted_pixels"] = boosted.float().mean()
+        s.logs["pseudo.mean_weight"] = s.pweight.mean()
+        self.observe(s, "fused", s.plabel, s.pweight)
 
     def prompt_paste_step(self, s: StepState) -> None:
         """DMS: prompt pixels of low-DNIS classes into the student's mixed image (weight 1)."""
@@ -138,6 +157,8 @@ class EGLP(PIG):
         s.mixed_img = torch.where(mask.unsqueeze(1), prompt["img"], s.mixed_img)
         s.mixed_seg = torch.where(mask, prompt["seg"], s.mixed_seg)
         s.mixed_weight = torch.where(mask, torch.ones_like(s.mixed_weight), s.mixed_weight)
+        if s.mixed_gt is not None:
+            s.mixed_gt = torch.where(mask, prompt["seg"], s.mixed_gt)
         s.logs["dms.prompt_pixels"] = mask.float().mean()
 
     def rcm_paste_step(self, s: StepState) -> None:
@@ -152,14 +173,20 @@ class EGLP(PIG):
         s.mixed_img, s.mixed_seg, s.mixed_weight, pasted = self.rcm.paste(
             s.mixed_img, s.mixed_seg, s.mixed_weight, self.cfg.method.eglp.rcm.paste_per_image,
             self.generator, self.night_shift(), self.mean, self.std)
+        if s.mixed_gt is not None:
+            s.mixed_gt = torch.where(pasted, s.mixed_seg, s.mixed_gt)
         s.logs["rcm.pasted_pixels"] = pasted.float().mean()
         s.logs["rcm.bank_fill"] = self.rcm.filled.float().mean() / self.rcm.capacity
 
     def decorate_dark_mix(self, s: StepState, img, seg):
+        """Rare-class patches into NFNet's dark mix: night (prompt) patches only, unless
+        ``rcm.day_patches_to_nfnet`` (then day patches moved towards night as for the student)."""
         if self.rcm is None:
             return img, seg
+        day_too = self.cfg.method.eglp.rcm.day_patches_to_nfnet
         img, seg, _, _ = self.rcm.paste(img, seg, None, self.cfg.method.eglp.rcm.paste_per_image,
-                                        self.generator, self.night_shift(), self.mean, self.std)
+                                        self.generator, self.night_shift() if day_too else None,
+                                        self.mean, self.std, night_only=not day_too)
         return img, seg
 
     def night_shift(self):
@@ -174,7 +201,7 @@ class EGLP(PIG):
         avg = (shift * seen).sum(0) / seen.sum().clamp(min=1)
         return torch.where(seen, shift, avg.expand_as(shift))
 
-    # -- per-rank state: the memory bank -----------------------------------------------------------
+    # -- per-rank state: the memory bank (its confidences are run-wide: ``modules``) ----------------
     def state_dict(self):
         state = super().state_dict()
         if self.rcm is not None:
@@ -186,3 +213,20 @@ class EGLP(PIG):
         if self.rcm is not None:
             self.rcm.load_state_dict(state["rcm"])
 
+
+
+def check_eglp_parts(cfg) -> None:
+    """One rule for EGLP's parts, whichever are on: what each needs, named by its keys."""
+    e, n = cfg.method.eglp, cfg.method.nfnet
+    if not e.dnis.enabled:
+        on = [k for k, part in (("fis", e.fis), ("dms", e.dms)) if part.enabled]
+        if on:
+            raise ConfigError(f"method.eglp.dnis.enabled=false: {' and '.join(f'method.eglp.{k}.enabled=true' for k in on)} "
+                              f"need DNIS; switch {'them' if len(on) > 1 else 'it'} off (PIG's fusion: "
+                              f"method.fusion.enabled=true)")
+    if e.fis.enabled and not n.enabled:
+        raise ConfigError("method.eglp.fis.enabled=true: FIS gives classes NFNet's label, but "
+                          "method.nfnet.enabled=false; switch one of them")
+    if e.dms.enabled and e.dms.prompt_rate > 0:
+        require_paired_streams(cfg.data, "prompt", "target", "method.eglp.dms.prompt_rate",
+                               "the prompt paste puts prompt pixels into the target's mixed images")

@@ -27,7 +27,7 @@ from eglp_dist.eglp.nfnet import dark_mix, uses_ams
 from eglp_dist.eglp.similarity import build_similarity
 from eglp_dist.errors import ConfigError
 from eglp_dist.methods.mic import block_mask
-from eglp_dist.methods.uda import UDA, StepState
+from eglp_dist.methods.uda import UDA, StepState, require_paired_streams
 from eglp_dist.models import build_segmentor
 
 
@@ -49,13 +49,9 @@ class PIG(UDA):
     def __init__(self, cfg, env, device):
         super().__init__(cfg, env, device)
         n, f = cfg.method.nfnet, cfg.method.fusion
-        tgt, prompt = cfg.data.target, cfg.data.prompt
-        if n.enabled and n.dark_mix and (prompt.batch_size != tgt.batch_size or
-                                         list(prompt.crop_size or []) != list(tgt.crop_size or [])):
-            raise ConfigError("method.nfnet.dark_mix: pastes prompt crops onto target crops, so "
-                              "data.prompt and data.target need the same batch_size and crop_size "
-                              f"(got {prompt.batch_size}x{list(prompt.crop_size or [])} and "
-                              f"{tgt.batch_size}x{list(tgt.crop_size or [])})")
+        if n.enabled and n.dark_mix:
+            require_paired_streams(cfg.data, "prompt", "target", "method.nfnet.dark_mix",
+                                   "pastes prompt crops onto target crops")
         if f.enabled and not n.enabled:
             raise ConfigError("method.fusion.enabled: fusion takes labels from NFNet's teacher; "
                               "set method.nfnet.enabled=true or method.fusion.enabled=false")
@@ -71,6 +67,11 @@ class PIG(UDA):
         self.similarity = build_similarity(f, self.mean, self.std, cfg.model.num_classes, device) \
             if f.enabled else None
 
+    @staticmethod
+    def pseudo_label_sources(cfg) -> tuple:
+        fused = cfg.method.nfnet.enabled and cfg.method.fusion.enabled
+        return ("teacher",) + (("nfnet", "fused") if fused else ()) + ("final",)
+
     # -- phases that differ from UDA -------------------------------------------------------
     def update_teachers(self, s: StepState) -> None:
         super().update_teachers(s)
@@ -80,14 +81,17 @@ class PIG(UDA):
     def pseudo_label_step(self, s: StepState) -> None:
         super().pseudo_label_step(s)
         if self.similarity is not None:
-            self.fuse_by_similarity(s)
+            night = self.night_label(s.batches["target"]["img"])
+            self.fuse_by_similarity(s, night)
+            self.observe(s, "nfnet", night)
+            self.observe(s, "fused", s.plabel, s.pweight)
 
-    def fuse_by_similarity(self, s: StepState) -> None:
-        """PIG's fusion of ``s.plabel`` (the UDA teacher's label) with the NFNet teacher's:
-        the ``top_k`` least similar classes of each image, protected classes excepted."""
+    def fuse_by_similarity(self, s: StepState, night) -> None:
+        """PIG's fusion of ``s.plabel`` (the UDA teacher's label) with the NFNet teacher's
+        (``night``): the ``top_k`` least similar classes of each image, protected classes
+        excepted."""
         src, tgt = s.batches["source"], s.batches["target"]
         f = self.cfg.method.fusion
-        night = self.night_label(tgt["img"])
         scores = self.similarity(src["img"], src["seg"], tgt["img"], s.plabel)
         selected = top_k_classes(scores, f.top_k)
         fused = fuse_labels(s.plabel, night, selected, list(f.protected))

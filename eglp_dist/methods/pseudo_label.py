@@ -69,12 +69,21 @@ def labels_from_probs(prob: Tensor, threshold: Union[float, Tensor] = 0.968, ign
     # exact integer count, divided in float64 (DAFormer: python int / int), stored as float32
     confidence = (confident.flatten(1).sum(dim=1).double() / float(h * w)).float()  # (B,)
     weight = confidence.view(b, 1, 1).expand(b, h, w).contiguous()
-    if ignore_top > 0:
-        weight[:, :ignore_top, :] = 0
-    if ignore_bottom > 0:
-        weight[:, max(h - ignore_bottom, 0):, :] = 0
-    if ignore_left > 0:
-        weight[:, :, :ignore_left] = 0
-    if ignore_right > 0:
-        weight[:, :, max(w - ignore_right, 0):] = 0
+    weight.mul_(margin_mask(h, w, ignore_top, ignore_bottom, ignore_left, ignore_right, weight.device))
     return label, weight, confidence
+
+
+def margin_mask(h: int, w: int, top: int = 0, bottom: int = 0, left: int = 0, right: int = 0,
+                device="cpu") -> Tensor:
+    """(H, W) float32: 0 on the ignored margins (rows at the top/bottom, columns at the
+    left/right), 1 elsewhere."""
+    mask = torch.ones(h, w, device=device)
+    if top > 0:
+        mask[:top, :] = 0
+    if bottom > 0:
+        mask[max(h - bottom, 0):, :] = 0
+    if left > 0:
+        mask[:, :left] = 0
+    if right > 0:
+        mask[:, max(w - right, 0):] = 0
+    return mask

@@ -32,6 +32,7 @@ from eglp_dist.methods.base import Method
 from eglp_dist.methods.classmix import class_masks, mix
 from eglp_dist.methods.feature_distance import feature_distance_loss
 from eglp_dist.methods.mic import block_mask
+from eglp_dist.methods.pseudo_iou import build_pseudo_iou
 from eglp_dist.methods.pseudo_label import pseudo_labels
 from eglp_dist.methods.strong_aug import strong_augment
 
@@ -41,20 +42,35 @@ class UDA(Method):
 
     def __init__(self, cfg, env, device):
         super().__init__(cfg, env, device)
-        src, tgt = cfg.data.source, cfg.data.target
-        if cfg.method.mix.enabled and (src.batch_size != tgt.batch_size or
-                                       list(src.crop_size or []) != list(tgt.crop_size or [])):
-            raise ConfigError("method.mix: ClassMix pairs source and target images, so "
-                              "data.source and data.target need the same batch_size and crop_size "
-                              f"(got {src.batch_size}x{list(src.crop_size or [])} and "
-                              f"{tgt.batch_size}x{list(tgt.crop_size or [])})")
+        if cfg.method.mix.enabled:
+            require_paired_streams(cfg.data, "source", "target", "method.mix", "ClassMix pairs source and target images")
         self.teacher = EMATeacher(self.student.model, cfg.method.teacher.alpha)
         self.modules["teacher"] = self.teacher
+        self.pseudo_iou = build_pseudo_iou(cfg, self.pseudo_label_sources(cfg), device)
+        if self.pseudo_iou is not None:
+            self.ground_truth_streams = ("target",)
         self.imnet = None
         if cfg.method.fd.enabled:
             # The pretrained network as built, before any step: rebuilt identically on resume
             # (same seed, same pretrained file), so it is not checkpointed.
             self.imnet = copy.deepcopy(self.student.model).requires_grad_(False).eval()
+
+    # -- the pseudo-label diagnostic (never touches a loss) -----------------------------
+    @staticmethod
+    def pseudo_label_sources(cfg) -> tuple:
+        """The pseudo-label sources this recipe has, from its config (methods/pseudo_iou.py)."""
+        return ("teacher", "final")
+
+    def counters(self) -> list:
+        return [self.pseudo_iou] if self.pseudo_iou is not None else []
+
+    def observe(self, s: "StepState", source: str, label, weight=None, gt=None) -> None:
+        """Count one pseudo-label source against the target's ground truth (when the
+        diagnostic is on; ``gt`` defaults to the target batch's)."""
+        if self.pseudo_iou is None:
+            return
+        gt = target_ground_truth(s.batches["target"]) if gt is None else gt
+        self.pseudo_iou.add(source, label, gt, weight)
 
     # -- pieces --------------------------------------------------------------------------
     def augment(self, images: torch.Tensor) -> torch.Tensor:
@@ -120,6 +136,7 @@ class UDA(Method):
         tgt = s.batches["target"]
         s.plabel, s.pweight, confidence = self.pseudo_label(tgt["img"])
         s.logs["pseudo.confidence"] = confidence.mean()
+        self.observe(s, "teacher", s.plabel, s.pweight)
 
     def mix_step(self, s: "StepState") -> None:
         """ClassMix of source classes onto the target (labels and weights by the same mask)."""
@@ -129,8 +146,13 @@ class UDA(Method):
             s.mixed_img = mix(mask, src["img"], tgt["img"])
             s.mixed_seg = mix(mask, src["seg"], s.plabel)
             s.mixed_weight = mix(mask, torch.ones_like(s.pweight), s.pweight)
+            if self.pseudo_iou is not None:  # source pixels are not counted (see pseudo_iou.py)
+                gt = target_ground_truth(tgt)
+                s.mixed_gt = mix(mask, torch.full_like(gt, 255), gt)
         else:
             s.mixed_img, s.mixed_seg, s.mixed_weight = tgt["img"], s.plabel, s.pweight
+            if self.pseudo_iou is not None:
+                s.mixed_gt = target_ground_truth(tgt)
 
     def augment_step(self, s: "StepState") -> None:
         """Colour jitter and blur of the mixed images (after everything is pasted in)."""
@@ -140,6 +162,7 @@ class UDA(Method):
         """Weighted loss on the mixed images (+ MIC's masked target); backward."""
         m = self.cfg.method
         tgt = s.batches["target"]
+        self.observe(s, "final", s.mixed_seg, s.mixed_weight, s.mixed_gt)
         out, losses, logs = self.train_forward(self.student, s.mixed_img, s.mixed_seg, s.mixed_weight,
                                                prefix="mix")
         s.logs.update(logs)
@@ -163,6 +186,25 @@ class UDA(Method):
             engine.step()
 
 
+def require_paired_streams(data, a: str, b: str, key: str, why: str) -> None:
+    """Streams ``a`` and ``b`` whose images a phase pairs one to one: the same batch_size and
+    crop_size, or a ConfigError naming ``key`` and both streams."""
+    sa, sb = getattr(data, a), getattr(data, b)
+    if sa.batch_size != sb.batch_size or list(sa.crop_size or []) != list(sb.crop_size or []):
+        raise ConfigError(f"{key}: {why}, so data.{a} and data.{b} need the same batch_size and crop_size "
+                          f"(got {sa.batch_size}x{list(sa.crop_size or [])} and "
+                          f"{sb.batch_size}x{list(sb.crop_size or [])})")
+
+
+def target_ground_truth(batch) -> torch.Tensor:
+    """The target's labels for the diagnostic: ``gt`` (read for diagnostics only) or
+    ``seg`` (a target stream configured with labels)."""
+    gt = batch.get("gt", batch.get("seg"))
+    if gt is None:
+        raise RuntimeError("the pseudo-label diagnostic is on but the target batch has no labels")
+    return gt
+
+
 @dataclass
 class StepState:
     """What the phases of one iteration hand each other (filled as they run)."""
@@ -175,4 +217,5 @@ class StepState:
     mixed_img: Optional[torch.Tensor] = None
     mixed_seg: Optional[torch.Tensor] = None
     mixed_weight: Optional[torch.Tensor] = None
+    mixed_gt: Optional[torch.Tensor] = None  # ground truth under mixed_seg (the diagnostic only)
     extra: Dict[str, Any] = field(default_factory=dict)  # a recipe's own hand-overs

@@ -15,15 +15,25 @@ def build_segmentor(model_cfg: Any):
     """A ``Segmentor`` (or ``HRDASegmentor``) from a ``ModelConfig``, OmegaConf node or dict.
 
     Construction is deterministic given ``torch.manual_seed``; pretrained encoder weights are
-    read from ``model_cfg.pretrained`` if set (never downloaded).
+    read from ``model_cfg.pretrained`` if set (never downloaded), then the whole model's from
+    ``model_cfg.init_from`` if set (the student engine of a checkpoint, or a weight file).
     """
+    cfg = as_model_config(model_cfg)
+    model = _build(cfg)
+    if cfg.init_from:
+        from eglp_dist.weights import load_into, load_weights
+
+        load_into(model, load_weights(cfg.init_from), f"model.init_from={cfg.init_from}")
+    return model
+
+
+def _build(cfg):
     from eglp_dist.models.backbones import build_encoder
     from eglp_dist.models.heads import build_head
     from eglp_dist.models.hrda import HRDASegmentor
     from eglp_dist.models.segmentor import Segmentor
     from eglp_dist.models.spn import MultiResolutionEncoder
 
-    cfg = as_model_config(model_cfg)
     encoder = build_encoder(cfg)
     if cfg.spn.enabled:
         encoder = MultiResolutionEncoder(encoder, cfg.spn)

@@ -106,6 +106,10 @@ class ModelConfig:
     # Local file with encoder weights (timm layout, or SegFormer/mmseg ``mit_b*.pth`` layout).
     # Nothing is ever downloaded.
     pretrained: Optional[str] = None
+    # A run's checkpoint (folder, ``checkpoints/`` or ``latest``) or a weight file holding the
+    # *whole* segmentor (encoder, heads, HRDA attention), loaded strictly after ``pretrained``:
+    # self-training started from a source-trained model (tools/ablate.py's warm start).
+    init_from: Optional[str] = None
     drop_path_rate: float = non_negative(0.1)  # SegFormer/DAFormer use 0.1 on MiT
     # CNN encoders: output stride 8 or 16 via dilation (DeepLab); None = native (32).
     output_stride: Optional[int] = choice(None, (None, 8, 16, 32))
