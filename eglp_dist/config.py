@@ -177,12 +177,33 @@ def load_config(path: os.PathLike | str, overrides: Sequence[str] = ()) -> DictC
             cfg[group] = node
     for origin, part in parts:  # value overrides apply after every group selection
         cfg = merge_checked(cfg, part, origin)
+    say_unused_method_keys(cfg, [k for _, part in parts for k in _dotted_keys(part)])
     check_data_config(cfg.data)  # what relates several data keys (shard lists, class sets, ...)
     missing = OmegaConf.missing_keys(cfg)
     if missing:
         raise ConfigError(f"config keys without a value: {', '.join(sorted(missing))}")
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def _dotted_keys(node, prefix: str = "") -> List[str]:
+    if not isinstance(node, DictConfig):
+        return [prefix[:-1]]
+    return [k for key in node.keys() for k in _dotted_keys(node[key], f"{prefix}{key}.")]
+
+
+def say_unused_method_keys(cfg, keys: Sequence[str]) -> None:
+    """One line (rank 0) per command-line key of a method node the active method does not
+    read (``method.eglp.dnis.temperature=7`` on a ``uda`` run): it has no effect."""
+    from eglp_dist.methods.config import NODES_USED
+    from eglp_dist.notices import notice
+
+    used = NODES_USED.get(cfg.method.name, ())
+    for key in keys:
+        parts = key.split(".")
+        if len(parts) > 2 and parts[0] == "method" and parts[1] not in used:
+            notice(f"{key} has no effect: method.name={cfg.method.name} does not read method.{parts[1]} "
+                   f"(it reads {', '.join(f'method.{n}' for n in used) or 'no method node'})")
 
 
 def resolved_yaml(cfg: DictConfig) -> str:

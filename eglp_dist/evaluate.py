@@ -298,10 +298,16 @@ def cli_session(args: argparse.Namespace) -> Iterator[CliSession]:
 
 
 def eval_json_path(checkpoint: Path, split: str = "val") -> Path:
-    """``<checkpoint folder>/eval_val.json``; next to a weight file: ``<stem>.eval_val.json``."""
+    """Beside the run, never inside a checkpoint (read-only to evaluation, and listed file by
+    file in its COMPLETE marker): ``<run>/eval/<iter_XXXXXXX>_val.json`` for a checkpoint
+    folder of ``<run>/checkpoints/``, ``<folder>.eval_val.json`` beside any other folder,
+    ``<stem>.eval_val.json`` beside a weight file."""
     if checkpoint.is_file():
         return checkpoint.with_name(f"{checkpoint.stem}.eval_{split}.json")
-    return checkpoint / f"eval_{split}.json"
+    checkpoint = checkpoint.resolve()
+    if checkpoint.parent.name == "checkpoints":
+        return checkpoint.parent.parent / "eval" / f"{checkpoint.name}_{split}.json"
+    return checkpoint.with_name(f"{checkpoint.name}.eval_{split}.json")
 
 
 def eval_targets(cfg, names: Optional[Sequence[str]] = None) -> Dict[str, Any]:

@@ -27,13 +27,14 @@ ATTEMPTS = "attempts"
 
 # Keys (or whole nodes) that do not change what is trained: how long, how often to log,
 # evaluate and save, where the run folder lies, how data is read (not which data), the
-# evaluation sets. ``trainer.max_iters`` may grow to extend a run (the poly schedule is
-# then computed from the new length, from the resumed step on).
+# evaluation sets, measurements that never touch the loss (``method.diagnostics``: tested
+# bit for bit). ``trainer.max_iters`` may change to extend or shorten a run: the poly
+# schedule is then computed from the new length from the resumed step on, and the log says so.
 RESULT_NEUTRAL = ("run.out_dir", "trainer.max_iters", "trainer.log_interval", "trainer.eval_interval",
                   "trainer.ckpt_interval", "trainer.keep_last", "trainer.image_interval",
                   "trainer.resume", "trainer.guard.stop_signals", "trainer.guard.max_bad_steps", "dist",
                   "data.num_threads", "data.prefetch", "data.val",
-                  "data.test")
+                  "data.test", "method.diagnostics")
 
 
 class RunFolderBusy(UserError):

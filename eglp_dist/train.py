@@ -155,6 +155,11 @@ def _train_locked(cfg, env, device, method, streams, val_loaders, run_dir: Path)
     if resume_from is not None:
         monitor.write(f"resumed from {resume_from} at iteration {start}"
                       + (" (run already complete)" if start >= t.max_iters else ""))
+        saved_iters = state.get("config", {}).get("trainer", {}).get("max_iters", t.max_iters)
+        if saved_iters != t.max_iters:
+            monitor.write(f"trainer.max_iters changed from {saved_iters} to {t.max_iters}: from iteration {start} on, "
+                          f"the lr schedule (poly decay to iteration {t.max_iters}) follows the new length; the run "
+                          f"differs from one planned for {t.max_iters} iterations from the start")
         saved = saved_world_size(resume_from, state)
         if saved != env.world_size:
             monitor.write(f"the checkpoint was written by {saved} rank(s), this run has {env.world_size}: "

@@ -81,3 +81,15 @@ def test_cli_train_rejects_unknown_key_naming_it():
     assert out.returncode == 2
     assert "unknown config key 'not.a.key'" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_key_of_a_method_node_the_active_method_does_not_read_is_said_once(capsys):
+    from eglp_dist.config import PACKAGE_CONFIG_ROOT
+
+    load_config(PACKAGE_CONFIG_ROOT / "demo" / "tiny_uda.yaml", ["method.eglp.dnis.temperature=7",
+                                                                 "method.pseudo.threshold=0.9"])
+    err = capsys.readouterr().err
+    assert err.count("eglp: note:") == 1
+    assert "method.eglp.dnis.temperature has no effect: method.name=uda does not read method.eglp" in err
+    load_config(PACKAGE_CONFIG_ROOT / "demo" / "tiny_uda.yaml", ["method.name=eglp", "method.eglp.dnis.temperature=7"])
+    assert "no effect" not in capsys.readouterr().err

@@ -227,7 +227,8 @@ def test_eval_cli_two_ranks_table_and_json(two_ranks, data, weights):
     assert "mIoU" in two_ranks[0]["stdout"] and "road" in two_ranks[0]["stdout"]
     assert "mIoU" not in two_ranks[1]["stdout"]  # rank 0 prints
     assert "wrote 7 files for 7 images" in two_ranks[0]["stdout"]
-    result = json.loads((data["ckpt"] / "iter_0000005" / "eval_val.json").read_text())
+    assert not (data["ckpt"] / "iter_0000005" / "eval_val.json").exists()  # a checkpoint is read-only to eval
+    result = json.loads((data["ckpt"].parent / "eval" / "iter_0000005_val.json").read_text())
     assert result["mIoU"] == pytest.approx(single.miou)  # the average over the one target
     cs = result["targets"]["cs"]
     assert cs["mIoU"] == pytest.approx(single.miou) and cs["mIoU_all"] == cs["mIoU"]

@@ -209,6 +209,7 @@ def test_a_rerun_with_changed_settings_does_not_resume_the_old_run(shards, tmp_p
     longer = eglp("train", cfg, *base, "trainer.max_iters=2", "trainer.log_interval=2")
     assert longer.returncode == 0, longer.stderr[-3000:]
     assert "resumed from" in longer.stdout and "at iteration 1" in longer.stdout
+    assert "trainer.max_iters changed from 1 to 2: from iteration 1 on, the lr schedule" in longer.stdout
     assert (run_dir / "checkpoints" / "iter_0000002" / "COMPLETE").is_file()
     attempts = sorted((run_dir / "attempts").glob("*.yaml"))
     assert [p.name for p in attempts] == ["001.yaml", "002.yaml"]  # refused attempts record nothing

@@ -173,6 +173,17 @@ class DiagnosticsConfig:
     pseudo_label_iou: Optional[bool] = None
 
 
+# The method nodes each recipe reads (beside ``name``); a key set in another node has no
+# effect, and load_config says so (config.load_config).
+NODES_USED = {
+    "source_only": (),
+    "spn": ("dg_aug",),
+    "uda": ("teacher", "pseudo", "mix", "fd", "mic", "diagnostics"),
+    "pig": ("teacher", "pseudo", "mix", "fd", "mic", "diagnostics", "nfnet", "fusion"),
+    "eglp": ("teacher", "pseudo", "mix", "fd", "mic", "diagnostics", "nfnet", "fusion", "eglp"),
+}
+
+
 @dataclass
 class MethodConfig:
     name: str = choice("source_only", ["source_only", "uda", "pig", "eglp", "spn"])

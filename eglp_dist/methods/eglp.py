@@ -26,8 +26,6 @@ docs/eglp.md says where each choice comes from.
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from eglp_dist.dist import comm
@@ -37,6 +35,7 @@ from eglp_dist.eglp.fusion import (dms_weights, fis_classes, fuse_labels, mix_pr
 from eglp_dist.eglp.rcm import ClassConfidence, RareClassMemory, rare_pixel_weights
 from eglp_dist.device_constants import class_mask
 from eglp_dist.errors import ConfigError
+from eglp_dist.notices import notice
 from eglp_dist.eglp.similarity import moments
 from eglp_dist.methods.pig import PIG
 from eglp_dist.methods.pseudo_label import labels_from_probs, margin_mask
@@ -66,9 +65,9 @@ class EGLP(PIG):
             self.rcm_conf = ClassConfidence(e.rcm.classes, k, device)
             self.modules["rcm_confidence"] = self.rcm_conf  # reduced: run-wide state
             self.rare = class_mask(list(e.rcm.classes), k, device)
-        if e.dms.enabled and not cfg.method.nfnet.enabled and env.is_main:
-            warnings.warn("method.nfnet.enabled=false: DMS keeps only its prompt paste (there is no "
-                          "second teacher to mix with)", stacklevel=2)
+        if e.dms.enabled and not cfg.method.nfnet.enabled:
+            notice("method.nfnet.enabled=false: DMS keeps only its prompt paste (there is no second "
+                   "teacher to mix with)")
 
     @staticmethod
     def pseudo_label_sources(cfg) -> tuple:
