@@ -24,7 +24,7 @@ def class_iou_chart(ious: Mapping[str, Mapping[str, Optional[float]]], classes: 
     methods = list(ious)
     x = np.arange(len(classes))
     width = 0.8 / max(len(methods), 1)
-    fig, ax = plt.subplots(figsize=(max(8.0, 0.62 * len(classes) * max(len(methods), 2) / 2), 4.2), dpi=110)
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.6 * len(classes)), 4.5), dpi=110)
     for i, m in enumerate(methods):
         vals = [100 * (ious[m].get(c) if ious[m].get(c) is not None else np.nan) for c in classes]
         ax.bar(x + (i - (len(methods) - 1) / 2) * width, vals, width, label=m)

@@ -73,10 +73,14 @@ def run_cli(args: argparse.Namespace) -> int:
     second_half = lambda m, key: study.second_half_mean(logs[m], key, iters)  # noqa: E731
     print(f"{'pseudo weight':<22}" + "".join(f"{study.fmt(second_half(m, 'pseudo.confidence'), 3):>13}"
                                             for m in METHODS))
+    target_src = lambda m: "fused" if any("pseudo_iou/fused/mIoU" in r for r in logs[m]) else "teacher"  # noqa: E731
     print(f"{'pseudo-label mIoU':<22}" + "".join(
+        f"{study.fmt(100 * second_half(m, f'pseudo_iou/{target_src(m)}/mIoU')):>13}" for m in METHODS))
+    print(f"{'  + pastes (trained)':<22}" + "".join(
         f"{study.fmt(100 * second_half(m, 'pseudo_iou/final/mIoU')):>13}" for m in METHODS))
-    print("(pseudo weight: DAFormer's confidence share, mean over the second half of training; pseudo-label "
-          "mIoU: the label the student is trained on, against the target's ground truth, same span)")
+    print("(pseudo weight: DAFormer's confidence share; pseudo-label mIoU: the target's label after the recipe's "
+          "fusion against its ground truth; + pastes: the label the student is trained on, with the prompt and "
+          "rare-class pastes, whose pixels are ground truth; means over the second half of training)")
     chart = out / "class_iou.png"
     picture = class_iou_chart({COLUMNS[m]: results[m]["IoU"] for m in METHODS}, [CLASSES[c] for c in order],
                               chart, f"night IoU per class (synthetic, seed 0), classes by designed night change",
