@@ -48,3 +48,8 @@ def test_ablate_warm_starts_writes_its_commands_and_reuses_finished_runs(tmp_pat
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("done before, reused") == 3
     assert (tmp_path / "commands.sh").read_text().count("torch.distributed.run") == 3  # nothing retrained
+    more = subprocess.run(args[:args.index("--seeds")] + ["--seeds", "0", "1", "--report-only"] + args[args.index("--train-images"):],
+                          capture_output=True, text=True, timeout=200, env=env)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "seeds with every row finished: [0] (of [0, 1])" in more.stdout  # seed 1 not trained
+    assert (tmp_path / "commands.sh").read_text().count("torch.distributed.run") == 3

@@ -113,6 +113,8 @@ def stage0(a, root: Path, data_args: List[str]) -> Path:
 
     spec = study.RunSpec("stage0 source-only", STAGE0[a.study], tuple(data_args), seed=a.pretrain_seed,
                          iters=a.pretrain)
+    if a.report_only:
+        return root / "runs" / spec.folder_name()
     print(f"== stage 0: source-only, {a.pretrain} iterations (seed {a.pretrain_seed})", flush=True)
     return study.run_cached(spec, root)
 
@@ -128,15 +130,20 @@ def common_args(a, root: Path, data_args: List[str]) -> List[str]:
 
 
 def run_all(a, root: Path, variants: Dict[str, tuple], names: List[str], common: List[str]) -> Dict[str, Dict[int, dict]]:
-    """Seeds outer, variants inner: an interrupted study has whole seeds to pair first."""
+    """Seeds outer, variants inner: an interrupted study has whole seeds to pair first.
+    ``--report-only``: no training, the finished runs only."""
     from eglp_dist import study
 
     results: Dict[str, Dict[int, dict]] = {n: {} for n in names}
     for seed in a.seeds:
         for name in names:
             config, extra = variants[name]
-            print(f"== {name}, seed {seed}", flush=True)
             spec = study.RunSpec(name, config, tuple(common + list(extra)), seed=seed, iters=a.iters)
+            if a.report_only:
+                if study.finished(root / "runs" / spec.folder_name(), a.iters):
+                    results[name][seed] = measure(root / "runs" / spec.folder_name(), a.iters)
+                continue
+            print(f"== {name}, seed {seed}", flush=True)
             results[name][seed] = measure(study.run_cached(spec, root), a.iters)
             (root / "results.json").write_text(json.dumps(results, indent=1))
     return results
@@ -163,16 +170,16 @@ def eglp_tables(results: Dict[str, Dict[int, dict]], seeds: List[int]) -> str:
                                          fmt(np.mean(final))]) + " |")
     out = ["\n".join(rows), ""]
     # pseudo-label quality per source
-    head = ["variant"] + [f"{src} {g}" for src in SOURCES for g in ("mIoU", "changed", "rare")]
     prow = ["| variant | source | pseudo-label mIoU | weighted mIoU | night-changed classes | rare classes |", "|---|---|---|---|---|---|"]
     for name in results:
         for src in SOURCES:
             vals = [results[name][s]["pseudo"].get(src) for s in seeds]
-            if any(v is None for v in vals):
+            if not vals or any(v is None for v in vals):
                 continue
             prow.append("| " + " | ".join([name, src] + [fmt(np.mean([v[g] for v in vals]))
                                                          for g in ("mIoU", "weighted_mIoU", "changed", "rare")]) + " |")
-    out += ["Pseudo-label IoU against the target's ground truth (mean over seeds of the second-half mean):", "",
+    out += ["Pseudo-label IoU against the target's ground truth (mean over seeds of the second-half mean; "
+            "`final` is the label the student is trained on, whose prompt and rare-class pastes are ground truth):", "",
             "\n".join(prow), ""]
     # paired differences
     drow = ["| a - b | metric | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | a > b in |",
@@ -260,6 +267,8 @@ def main(argv=None) -> int:
     p.add_argument("--val-images", type=int, default=24, help="validation images per target")
     p.add_argument("--train-images", type=int, default=96, help="training images per stream")
     p.add_argument("--only", nargs="*", default=None, help="variant names to run (default: the main rows)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing (stage 0 included): the tables of the runs finished so far")
     a = p.parse_args(argv)
     from eglp_dist import study
 
@@ -285,12 +294,16 @@ def main(argv=None) -> int:
                                                   n_train=a.train_images, n_val=a.val_images))
     common = common_args(a, root, data_args)
     results = run_all(a, root, variants, names, common)
-    text = (eglp_tables if a.study == "eglp" else spn_tables)(results, a.seeds)
+    seeds = [s for s in a.seeds if all(s in results[n] for n in names)]  # every row finished
+    if seeds != list(a.seeds):
+        print(f"ablate: seeds with every row finished: {seeds} (of {a.seeds}); the tables use those", flush=True)
+    results = {n: {s: r[s] for s in seeds} for n, r in results.items()}
+    text = (eglp_tables if a.study == "eglp" else spn_tables)(results, seeds)
     if a.study == "eglp":
-        eglp_chart(results, a.seeds, root / "class_iou.png")
+        eglp_chart(results, seeds, root / "class_iou.png")
     wall = time.perf_counter() - t0
     text += (f"\n\nCommit {git_commit()}; {a.iters} iterations per variant, stage 0 {a.pretrain} iterations "
-             f"(init {a.init if a.pretrain else 'random'}), seeds {a.seeds}; this invocation {wall:.0f} s "
+             f"(init {a.init if a.pretrain else 'random'}), seeds {seeds}; this invocation {wall:.0f} s "
              f"(cached runs not retrained). Commands: {root / 'commands.sh'}.\n")
     (root / "ablation.md").write_text(text)
     print("\n" + text)
