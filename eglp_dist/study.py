@@ -104,14 +104,25 @@ class RunSpec:
     seed: int
     iters: int
 
-    def key(self) -> str:
+    def key(self, root: Path) -> str:
+        """A hash of everything that changes the result; paths under the study folder
+        ``root`` count relative to it, so ``--out runs/x`` and ``--out /abs/runs/x`` (or a
+        moved study folder) name the same runs."""
         config_text = (PACKAGE_CONFIG_ROOT / "demo" / f"{self.config}.yaml").read_text()
-        blob = json.dumps({**asdict(self), "name": None, "config_text": config_text, "protocol": PROTOCOL},
-                          sort_keys=True)
+        overrides = [relative_to_study(o, root) for o in self.overrides]
+        blob = json.dumps({**asdict(self), "name": None, "overrides": overrides, "config_text": config_text,
+                           "protocol": PROTOCOL}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
-    def folder_name(self) -> str:
-        return f"{slug(self.name)}_s{self.seed}_{self.key()}"
+    def folder_name(self, root: Path) -> str:
+        return f"{slug(self.name)}_s{self.seed}_{self.key(root)}"
+
+
+def relative_to_study(override: str, root: Path) -> str:
+    """``KEY=VALUE`` with the study folder's path (as given or absolute) in VALUE as ``{out}``."""
+    for prefix in sorted({str(Path(root).resolve()), str(Path(root))}, key=len, reverse=True):
+        override = override.replace(prefix + os.sep, "{out}" + os.sep)
+    return override
 
 
 def slug(name: str) -> str:
@@ -135,7 +146,7 @@ def run_cached(spec: RunSpec, root: Path, extra_args: Sequence[str] = (), quiet:
     ``extra_args`` never change the result (not hashed): paths of the data already in the
     overrides' hash through the data folder's name."""
     runs = Path(root) / "runs"
-    name = spec.folder_name()
+    name = spec.folder_name(root)
     run_dir = runs / name
     args = [f"run.out_dir={runs}", f"run.name={name}", f"run.seed={spec.seed}", *spec.overrides, *extra_args,
             f"trainer.max_iters={spec.iters}", f"trainer.eval_interval={spec.iters}",

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from pathlib import Path
 
 from eglp_dist import study
 
@@ -20,12 +21,20 @@ def test_paired_differences_and_the_classes_to_gain_are_fixed_in_advance():
     assert study.second_half_mean(log, "x", 40) == 5.0  # after iteration 20, nulls skipped
 
 
-def test_a_run_folder_is_named_by_every_setting_that_changes_the_result():
+def test_a_run_folder_is_named_by_every_setting_that_changes_the_result(tmp_path, monkeypatch):
+    root = tmp_path / "study"
     a = study.RunSpec("EGLP", "tiny_eglp", ("x=1",), 0, 10)
-    assert a.key() == study.RunSpec("other label", "tiny_eglp", ("x=1",), 0, 10).key()
+    assert a.key(root) == study.RunSpec("other label", "tiny_eglp", ("x=1",), 0, 10).key(root)
     for b in (study.RunSpec("EGLP", "tiny_eglp", ("x=2",), 0, 10), study.RunSpec("EGLP", "tiny_eglp", ("x=1",), 1, 10),
               study.RunSpec("EGLP", "tiny_eglp", ("x=1",), 0, 11), study.RunSpec("EGLP", "tiny_pig", ("x=1",), 0, 10)):
-        assert b.key() != a.key()
+        assert b.key(root) != a.key(root)
+    # the study folder spelled relative or absolute (or moved): the same runs
+    monkeypatch.chdir(tmp_path)
+    rel = study.RunSpec("EGLP", "tiny_eglp", ("model.init_from=study/runs/s0/checkpoints/latest",), 0, 10)
+    absolute = study.RunSpec("EGLP", "tiny_eglp", (f"model.init_from={root}/runs/s0/checkpoints/latest",), 0, 10)
+    assert rel.key(Path("study")) == absolute.key(root)
+    moved = study.RunSpec("EGLP", "tiny_eglp", (f"model.init_from={tmp_path}/elsewhere/runs/s0/checkpoints/latest",), 0, 10)
+    assert moved.key(tmp_path / "elsewhere") == absolute.key(root)
 
 
 @pytest.mark.slow  # three tiny 2-rank trainings, twice: `make test-all` (what CI runs)

@@ -114,7 +114,7 @@ def stage0(a, root: Path, data_args: List[str]) -> Path:
     spec = study.RunSpec("stage0 source-only", STAGE0[a.study], tuple(data_args), seed=a.pretrain_seed,
                          iters=a.pretrain)
     if a.report_only:
-        return root / "runs" / spec.folder_name()
+        return root / "runs" / spec.folder_name(root)
     print(f"== stage 0: source-only, {a.pretrain} iterations (seed {a.pretrain_seed})", flush=True)
     return study.run_cached(spec, root)
 
@@ -140,8 +140,9 @@ def run_all(a, root: Path, variants: Dict[str, tuple], names: List[str], common:
             config, extra = variants[name]
             spec = study.RunSpec(name, config, tuple(common + list(extra)), seed=seed, iters=a.iters)
             if a.report_only:
-                if study.finished(root / "runs" / spec.folder_name(), a.iters):
-                    results[name][seed] = measure(root / "runs" / spec.folder_name(), a.iters)
+                run_dir = root / "runs" / spec.folder_name(root)
+                if study.finished(run_dir, a.iters):
+                    results[name][seed] = measure(run_dir, a.iters)
                 continue
             print(f"== {name}, seed {seed}", flush=True)
             results[name][seed] = measure(study.run_cached(spec, root), a.iters)
