@@ -24,6 +24,7 @@ import torch
 from eglp_dist.config import load_config, resolved_yaml, to_plain
 from eglp_dist.control import (EXIT_PREEMPTED, ControlPoint, RankLost, StopRequested, TooManyBadSteps,
                                as_rank_lost, startup_timeout, step_timeouts)
+from eglp_dist.data.leaks import check_streams_disjoint
 from eglp_dist.data.loader import build_eval_loader, build_train_stream
 from eglp_dist.dist import comm
 from eglp_dist.dist.checkpoint import (find_latest, load_checkpoint, read_run_state, resolve_checkpoint,
@@ -101,6 +102,7 @@ def train(cfg, local_rank: Optional[int] = None) -> Dict[str, Any]:
     device = init_distributed(env, cfg.dist.backend, cfg.dist.timeout_s)
     run_dir = run_dir_of(cfg)
     method = build_method(cfg, env, device)
+    check_streams_disjoint(cfg, method.streams)  # prompt/target images must not be evaluation images
     streams = {name: build_train_stream(getattr(cfg.data, name), cfg.data, env.rank, env.world_size,
                                         seed=cfg.run.seed, device=device, name=name,
                                         ground_truth=name in method.ground_truth_streams)

@@ -265,3 +265,21 @@ def test_ranks_that_log_different_keys_stop_with_the_keys_named():
     messages = run_ranks(_uneven_keys, 2)
     assert messages[0] == messages[1] and messages[0] is not None
     assert "rank 0 lacks dnis/bus" in messages[0] and "log a zero, not nothing" in messages[0]
+
+
+def test_prompt_images_that_are_evaluation_images_are_refused_and_a_transductive_target_is_said(tiny_shards, capsys):
+    from eglp_dist.data.leaks import check_streams_disjoint
+    from eglp_dist.errors import ConfigError
+
+    val = tiny_shards["acdc_night_val"]
+    ok = load_config(PIG, [f"data.prompt.shards={tiny_shards['prompt_night']}", f"data.val.acdc_night.shards={val}",
+                           f"data.target.shards={tiny_shards['acdc_night_train']}"])
+    check_streams_disjoint(ok, ("source", "target", "prompt"))
+    assert "share" not in capsys.readouterr().err
+    leak = load_config(PIG, [f"data.prompt.shards={val}", f"data.val.acdc_night.shards={val}"])
+    with pytest.raises(ConfigError, match=r"data.prompt.shards .* and data.val.acdc_night.shards .* share 1 entry: folder"):
+        check_streams_disjoint(leak, ("source", "target", "prompt"))
+    check_streams_disjoint(leak, ("source", "target"))  # a recipe without prompts: nothing to leak
+    same = load_config(PIG, [f"data.target.shards={val}", f"data.val.acdc_night.shards={val}"])
+    check_streams_disjoint(same, ("source", "target"))
+    assert "transductive" in capsys.readouterr().err
