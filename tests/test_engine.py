@@ -114,6 +114,9 @@ def _single_engine_reference(env, kind, seed, lr, flip):
     return eng.state_dict_fp32()
 
 
+# slow tier (CI) for the 10-minute default run: PIG's and EGLP's exact-resume tests keep two
+# engines (student and NFNet) in one process in the default run
+@pytest.mark.slow
 def test_two_engines_in_one_process_do_not_interfere():
     both = run_ranks(_two_engines_and_teacher, 2)
     student_alone = run_ranks(_single_engine_reference, 2, args=("zero2", 0, 1e-2, False))
