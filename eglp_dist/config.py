@@ -28,7 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 from eglp_dist.atomic import write_text_atomic
 from eglp_dist.config_fields import choice, non_negative, positive
 from eglp_dist.config_merge import (PACKAGE_CONFIG_ROOT, _group_file, _read_yaml,
-                                    compose_file, config_root_for, merge_checked)
+                                    compose_file, config_root_for, flat_items, merge_checked)
 from eglp_dist.data.config import DataConfig, check_data_config
 from eglp_dist.errors import ConfigError
 from eglp_dist.methods.config import MethodConfig
@@ -177,19 +177,13 @@ def load_config(path: os.PathLike | str, overrides: Sequence[str] = ()) -> DictC
             cfg[group] = node
     for origin, part in parts:  # value overrides apply after every group selection
         cfg = merge_checked(cfg, part, origin)
-    say_unused_method_keys(cfg, [k for _, part in parts for k in _dotted_keys(part)])
+    say_unused_method_keys(cfg, [k for _, part in parts for k, _ in flat_items(part)])
     check_data_config(cfg.data)  # what relates several data keys (shard lists, class sets, ...)
     missing = OmegaConf.missing_keys(cfg)
     if missing:
         raise ConfigError(f"config keys without a value: {', '.join(sorted(missing))}")
     OmegaConf.set_readonly(cfg, True)
     return cfg
-
-
-def _dotted_keys(node, prefix: str = "") -> List[str]:
-    if not isinstance(node, DictConfig):
-        return [prefix[:-1]]
-    return [k for key in node.keys() for k in _dotted_keys(node[key], f"{prefix}{key}.")]
 
 
 def say_unused_method_keys(cfg, keys: Sequence[str]) -> None:

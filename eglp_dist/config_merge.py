@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -96,6 +96,15 @@ def _is_open_dict(node: DictConfig) -> bool:
     """A Dict[str, X] field (free keys) rather than a dataclass (fixed keys)."""
     obj_type = node._metadata.object_type
     return obj_type is None or obj_type is dict
+
+
+def flat_items(node: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
+    """(dotted key, value) of every leaf of a nested mapping (a dict or a DictConfig)."""
+    if isinstance(node, Mapping):
+        for k, v in node.items():
+            yield from flat_items(v, f"{prefix}{k}.")
+    else:
+        yield prefix[:-1], node
 
 
 def _first_leaf(node: Any, prefix: str) -> str:

@@ -83,7 +83,7 @@ def run_cli(args: argparse.Namespace) -> int:
           "rare-class pastes, whose pixels are ground truth; means over the second half of training)")
     chart = out / "class_iou.png"
     picture = class_iou_chart({COLUMNS[m]: results[m]["IoU"] for m in METHODS}, [CLASSES[c] for c in order],
-                              chart, f"night IoU per class (synthetic, seed 0), classes by designed night change",
+                              chart, "night IoU per class (synthetic, seed 0), classes by designed night change",
                               [float(change[c]) for c in order])
     from torch.utils.tensorboard import SummaryWriter
 

@@ -17,9 +17,10 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional
 
 from eglp_dist.atomic import write_text_atomic
+from eglp_dist.config_merge import flat_items
 from eglp_dist.errors import ConfigError, UserError
 
 LOCK = "LOCK"
@@ -123,21 +124,13 @@ def _describe(holder: Mapping[str, Any]) -> str:
 
 # ------------------------------------------------------------------- config of a resume
 
-def _flat(node: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
-    if isinstance(node, Mapping):
-        for k, v in node.items():
-            yield from _flat(v, f"{prefix}{k}.")
-    else:
-        yield prefix[:-1], node
-
-
 def _neutral(key: str) -> bool:
     return any(key == n or key.startswith(n + ".") for n in RESULT_NEUTRAL)
 
 
 def config_differences(trained: Mapping[str, Any], now: Mapping[str, Any]) -> List[str]:
     """'key: old -> new' for every result-changing key in which two plain configs differ."""
-    a, b = dict(_flat(trained)), dict(_flat(now))
+    a, b = dict(flat_items(trained)), dict(flat_items(now))
     missing = object()
     out = []
     for key in sorted(set(a) | set(b)):

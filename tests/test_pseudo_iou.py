@@ -11,7 +11,7 @@ from dist_harness import run_ranks, train_with_method
 from eglp_dist.config import PACKAGE_CONFIG_ROOT, load_config
 from eglp_dist.data.labels import CLASSES
 from eglp_dist.logging import Monitor
-from eglp_dist.methods.pseudo_iou import PseudoLabelIoU, iou_from_confusion
+from eglp_dist.methods.pseudo_iou import PseudoLabelIoU
 
 UDA = PACKAGE_CONFIG_ROOT / "demo" / "tiny_uda.yaml"
 EGLP = PACKAGE_CONFIG_ROOT / "demo" / "tiny_eglp.yaml"

@@ -71,13 +71,12 @@ class SampleSource:
         self.manifest = self.reader.manifest
         self.with_labels = bool(stream_cfg.with_labels)
         self.ground_truth = bool(ground_truth) and not self.with_labels
-        for wanted, key in ((self.with_labels, "with_labels"), (self.ground_truth, "ground truth")):
-            if wanted and not self.manifest.labelled:
-                raise ConfigError(f"data.{name}.{key}: {stream_cfg.shards} has no labels "
-                                  f"(packed from an unlabelled split); set with_labels=false"
-                                  if key == "with_labels" else
-                                  f"data.{name}: the pseudo-label diagnostic needs labels, but "
-                                  f"{stream_cfg.shards} has none (packed from an unlabelled split)")
+        if self.with_labels and not self.manifest.labelled:
+            raise ConfigError(f"data.{name}.with_labels: {stream_cfg.shards} has no labels "
+                              f"(packed from an unlabelled split); set with_labels=false")
+        if self.ground_truth and not self.manifest.labelled:
+            raise ConfigError(f"data.{name}: the pseudo-label diagnostic needs labels, but "
+                              f"{stream_cfg.shards} has none (packed from an unlabelled split)")
         if self.with_labels or self.ground_truth:
             self.reader.require(SEG_EXT)
         self.name, self.rank, self.seed, self.salt = name, rank, seed, stream_salt(name)

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from eglp_dist.data.labels import CLASSES
 from eglp_dist.errors import ConfigError
+from eglp_dist.metrics import metrics_from_confusion
 
 SOURCES = ("teacher", "nfnet", "dms", "fused", "final")
 
@@ -78,21 +79,13 @@ class PseudoLabelIoU:
         k = self.k
         for i, source in enumerate(self.sources):
             for j, prefix in enumerate(("pseudo_iou", "pseudo_iou_weighted")):
-                iou = iou_from_confusion(reduced[i, j].view(k, k))
+                # the evaluation's rule (metrics.py): a class in neither labels nor predictions
+                # has no IoU and does not enter the mean
+                m = metrics_from_confusion(reduced[i, j].view(k, k))
                 for c in range(k):
-                    out[f"{prefix}/{source}/{CLASSES[c] if c < len(CLASSES) else c}"] = float(iou[c])
-                present = iou[~torch.isnan(iou)]
-                out[f"{prefix}/{source}/mIoU"] = float(present.mean()) if present.numel() else float("nan")
+                    out[f"{prefix}/{source}/{CLASSES[c] if c < len(CLASSES) else c}"] = float(m.iou[c])
+                out[f"{prefix}/{source}/mIoU"] = m.miou
         return out
-
-
-def iou_from_confusion(conf: Tensor) -> Tensor:
-    """(K,) IoU per class of a (ground truth x prediction) confusion matrix; NaN where the
-    class is in neither (mmseg's rule: such classes do not enter the mean)."""
-    conf = conf.double()
-    tp = conf.diagonal()
-    union = conf.sum(0) + conf.sum(1) - tp
-    return torch.where(union > 0, tp / union.clamp(min=1e-12), torch.full_like(tp, float("nan")))
 
 
 def target_is_labelled(cfg) -> bool:
