@@ -17,7 +17,9 @@ weights (those of the skipped steps are never applied).
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+from pathlib import Path
 from typing import Iterator, List, Optional
 
 import torch
@@ -28,6 +30,16 @@ from eglp_dist.errors import ConfigError
 # sysexits' EX_TEMPFAIL ("try again later"): the job stopped on request after a checkpoint;
 # launch/slurm/train.sbatch requeues on it, trainer.resume=auto continues from that step.
 EXIT_PREEMPTED = 75
+
+# Set by launch/torchrun.sh and launch/deepspeed.sh (launch/supervise.sh): a node-local folder
+# shared by the launch script and the workers it started. Why: torchrun restarts a group whose
+# worker exits non-zero, and the DeepSpeed launcher kills the other workers when one does, so a
+# worker that stops on request cannot tell the job "stopped, not failed" by its exit code
+# there. With the folder, each worker registers its pid once its stop signals are caught (the
+# script forwards a signal it receives to those pids only, never to the launcher's own
+# processes), reads a request that came before it registered, and, having stopped at a
+# checkpoint, leaves ``stopped`` there and exits 0; the script then ends the job with 75.
+LAUNCH_DIR_ENV = "EGLP_LAUNCH_DIR"
 
 
 class StopRequested(Exception):
@@ -44,22 +56,48 @@ class TooManyBadSteps(RuntimeError):
 
 
 class RankLost(RuntimeError):
-    """A collective or this rank's data got no answer within ``dist.step_timeout_s``."""
+    """A peer closed its connection, or a collective or this rank's data got no answer within
+    ``dist.step_timeout_s``."""
 
 
-# what gloo, NCCL and our stream watchdog say when a peer or the data stops answering
-_LOST = ("timed out", "timeout", "connection closed", "connection reset", "no batch for step",
-         "broken pipe")
+# what gloo and NCCL say when a peer's process is gone (its sockets closed by the kernel) ...
+_LEFT = ("connection closed", "connection reset", "broken pipe")
+# ... and when a peer or this rank's data stops answering while alive
+_TIMED_OUT = ("timed out", "timeout", "no batch for step")
 
 
-def as_rank_lost(exc: BaseException, it: int, phase: str, dist_cfg) -> Optional[RankLost]:
-    """A timeout of the loop as an error naming the iteration and what waited (None: not one)."""
+def as_rank_lost(exc: BaseException, it: int, phase: str, dist_cfg, rank: int = 0,
+                 world: int = 1) -> Optional[RankLost]:
+    """A lost peer or a timeout of the loop as an error naming the iteration and what waited
+    (None: neither). A closed connection arrives at once, not after the timeout, so it is said
+    as such; with 2 ranks the one that left can only be the other."""
     text = str(exc).strip()
-    if not any(k in text.lower() for k in _LOST):
-        return None
+    low = text.lower()
     first = text.splitlines()[0] if text else type(exc).__name__
-    return RankLost(f"iteration {it}: no answer within {dist_cfg.step_timeout_s} s (dist.step_timeout_s) in "
-                    f"{phase}: another rank is stopped, stuck in its data loading, or gone ({first})")
+    if any(k in low for k in _LEFT):
+        who = f"rank {1 - rank}" if world == 2 else "another rank"
+        return RankLost(f"iteration {it}: {who} left (connection closed) in {phase}: its process "
+                        f"ended or was killed; its own log says why ({first})")
+    if any(k in low for k in _TIMED_OUT):
+        return RankLost(f"iteration {it}: no answer within {dist_cfg.step_timeout_s} s (dist.step_timeout_s) in "
+                        f"{phase}: another rank is stopped, stuck in its data loading, or gone ({first})")
+    return None
+
+
+def launch_dir() -> Optional[Path]:
+    """The launch script's folder (:data:`LAUNCH_DIR_ENV`), or None (no script in front)."""
+    value = os.environ.get(LAUNCH_DIR_ENV)
+    return Path(value) if value else None
+
+
+def stopped_for_launcher(message: str) -> int:
+    """The exit code of a worker that stopped on request: with a launch script in front, the
+    ``stopped`` mark and 0 (the script exits 75); alone (srun's tasks, a bare launcher), 75."""
+    folder = launch_dir()
+    if folder is None or not folder.is_dir():
+        return EXIT_PREEMPTED
+    (folder / "stopped").write_text(message + "\n")
+    return 0
 
 
 @contextlib.contextmanager
@@ -105,6 +143,7 @@ class ControlPoint:
         self.bad_in_a_row = 0
         self.bad_total = 0
         self._previous = {}
+        self._registered: Optional[Path] = None  # this worker's entry in the launch folder
 
     # -- signals -----------------------------------------------------------------------
     def _on_signal(self, signum, frame):  # noqa: ARG002 - signal handler signature
@@ -114,12 +153,29 @@ class ControlPoint:
     def __enter__(self) -> "ControlPoint":
         for s in self.signums:
             self._previous[s] = signal.signal(s, self._on_signal)
+        self._register()
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._registered is not None:  # past the loop a signal would find the default action
+            self._registered.unlink(missing_ok=True)
+            self._registered = None
         for s, previous in self._previous.items():
             signal.signal(s, previous)
         self._previous.clear()
+
+    def _register(self) -> None:
+        """Tell the launch script this pid may be signalled now, then take a request it got
+        before (registration first: a request is either seen here or forwarded)."""
+        folder = launch_dir()
+        if folder is None or not folder.is_dir():
+            return
+        self._registered = folder / f"worker.{os.getpid()}"
+        self._registered.touch()
+        request = folder / "requested"
+        if request.is_file() and self.seen is None:
+            name = request.read_text().strip()
+            self.seen = int(signal.Signals[name]) if name in signal.Signals.__members__ else int(signal.SIGTERM)
 
     # -- the per-step decision -----------------------------------------------------------
     def after_step(self, skipped: bool) -> "Decision":

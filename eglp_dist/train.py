@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from eglp_dist.config import load_config, resolved_yaml, to_plain
-from eglp_dist.control import (EXIT_PREEMPTED, ControlPoint, RankLost, StopRequested, TooManyBadSteps,
-                               as_rank_lost, startup_timeout, step_timeouts)
+from eglp_dist.control import (ControlPoint, RankLost, StopRequested, TooManyBadSteps, as_rank_lost,
+                               startup_timeout, step_timeouts, stopped_for_launcher)
 from eglp_dist.data.leaks import check_streams_disjoint
 from eglp_dist.data.loader import build_eval_loader, build_train_stream
 from eglp_dist.dist import comm
@@ -221,7 +221,7 @@ def _train_locked(cfg, env, device, method, streams, val_loaders, run_dir: Path)
                             method.sync_buffers()
                         last_eval = run_evaluation(method, val_loaders, cfg, device, monitor, run_dir, it)
     except RuntimeError as exc:  # collectives' timeouts, and planning.StalledStream
-        lost = as_rank_lost(exc, where["it"], where["phase"], cfg.dist)
+        lost = as_rank_lost(exc, where["it"], where["phase"], cfg.dist, env.rank, env.world_size)
         if lost is None:
             raise
         raise lost from exc
@@ -255,7 +255,9 @@ def run_evaluation(method, loaders, cfg, device, monitor: Monitor, run_dir: Path
 
 def run_cli(args: argparse.Namespace) -> int:
     """``eglp train``: 0 when the run is complete; :data:`control.EXIT_PREEMPTED` (75) when
-    every rank stopped on a stop signal after a checkpoint (requeue and resume); 1 after too
+    every rank stopped on a stop signal after a checkpoint (requeue and resume; behind
+    launch/torchrun.sh or launch/deepspeed.sh the worker leaves a mark and exits 0, the script
+    75: ``control.LAUNCH_DIR_ENV``); 1 after too
     many non-finite steps in a row (the last good weights checkpointed)."""
     cfg = load_config(args.config, args.overrides)
     try:
@@ -263,7 +265,7 @@ def run_cli(args: argparse.Namespace) -> int:
     except StopRequested as exc:
         if comm.rank() == 0:
             print(f"eglp train: {exc}", file=sys.stderr, flush=True)
-        return EXIT_PREEMPTED
+        return stopped_for_launcher(str(exc))
     except TooManyBadSteps as exc:
         if comm.rank() == 0:
             print(f"eglp train: error: {exc}", file=sys.stderr, flush=True)

@@ -4,6 +4,9 @@
 # One node: NPROC processes (default: the node's GPUs, else 2 CPU processes). The launcher
 # must be told: without --num_gpus it starts a single process on a machine without GPUs.
 # Several nodes: HOSTFILE=launch/hostfile.example (one "host slots=N" line per node, ssh).
+# A stop request (SIGTERM, SIGUSR1, SIGINT to this script, or a stop signal to any worker):
+# every rank checkpoints, the script exits 75 (launch/supervise.sh). On several nodes the
+# remote workers are the launcher's (pdsh): signal them, or this script on the first node.
 set -euo pipefail
 config=${1:?usage: launch/deepspeed.sh CONFIG [KEY=VALUE ...]}; shift
 args=()
@@ -15,5 +18,6 @@ else
   fi
   args+=(--num_gpus "$NPROC")
 fi
-exec "${DEEPSPEED:-deepspeed}" "${args[@]}" --master_port "${MASTER_PORT:-29500}" \
+source "$(dirname "${BASH_SOURCE[0]}")/supervise.sh"
+supervise "${DEEPSPEED:-deepspeed}" "${args[@]}" --master_port "${MASTER_PORT:-29500}" \
   --module eglp_dist train "$config" trainer.resume=auto "$@"

@@ -11,7 +11,9 @@
 #
 # c10d rendezvous (no fixed node ranks): a node that joins late or comes back is admitted.
 # After a worker dies, torchrun restarts the whole group (up to MAX_RESTARTS) and training
-# resumes from the newest complete checkpoint (trainer.resume=auto). Each restart gets its
+# resumes from the newest complete checkpoint (trainer.resume=auto). A stop request (SIGTERM,
+# SIGUSR1, SIGINT to this script, or a stop signal to any worker) is not a failure: every rank
+# checkpoints, nothing restarts, the script exits 75 (launch/supervise.sh). Each restart gets its
 # own TCP store: with the store shared between the rendezvous and the workers, a restarted
 # gloo group intermittently fails to connect or hangs (pytorch#135712, #167288).
 set -euo pipefail
@@ -20,7 +22,8 @@ if [ -z "${NPROC:-}" ]; then
   NPROC=$(nvidia-smi -L 2>/dev/null | wc -l || true); [ "${NPROC:-0}" -gt 0 ] || NPROC=2
 fi
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
-exec "${PYTHON:-python}" -m torch.distributed.run --nnodes "${NNODES:-1}" --nproc-per-node "$NPROC" \
+source "$(dirname "${BASH_SOURCE[0]}")/supervise.sh"
+supervise "${PYTHON:-python}" -m torch.distributed.run --nnodes "${NNODES:-1}" --nproc-per-node "$NPROC" \
   --rdzv-backend c10d --rdzv-endpoint "${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}" \
   --rdzv-id "${RUN_ID:-eglp}" --max-restarts "${MAX_RESTARTS:-3}" ${RDZV_CONF:+--rdzv-conf "$RDZV_CONF"} \
   ${LOCAL_ADDR:+--local-addr "$LOCAL_ADDR"} \

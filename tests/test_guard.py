@@ -174,6 +174,28 @@ def test_a_stopped_rank_makes_the_others_fail_in_bounded_time_naming_the_step(sh
     assert "no answer within 5 s (dist.step_timeout_s)" in line and "another rank is stopped" in line
 
 
+def test_a_killed_rank_is_said_to_have_left_not_to_have_timed_out(shards, tmp_path):
+    args = _args(shards, tmp_path / "run", "trainer.max_iters=200", "trainer.ckpt_interval=1000")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    procs = _launch(2, args, logs)
+    try:
+        deadline = time.time() + 180
+        while "iter 3/200" not in (logs / "rank0.log").read_text():
+            assert time.time() < deadline and procs[0].poll() is None, (logs / "rank0.log").read_text()[-3000:]
+            time.sleep(0.2)
+        procs[1].kill()  # SIGKILL: its sockets close at once
+        code = procs[0].wait(timeout=120)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    text = (logs / "rank0.log").read_text()
+    line = next((l for l in text.splitlines() if "eglp train: error: rank 0: iteration" in l), text[-3000:])
+    assert code == 1 and "rank 1 left (connection closed)" in line, line
+    assert "no answer within" not in line
+
+
 def test_a_stuck_loader_is_named_after_the_step_timeout():
     from eglp_dist.data.planning import Prefetcher, StalledStream
 

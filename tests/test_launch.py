@@ -1,7 +1,9 @@
 """The launch scripts as users run them, with real launchers on CPU: the DeepSpeed launcher
 starts 2 processes and trains; under torchrun (c10d rendezvous, restarts) a rank killed with
 SIGKILL mid-run makes the group restart from the newest checkpoint and end with the same
-weights, bit for bit, as an uninterrupted run."""
+weights, bit for bit, as an uninterrupted run; a stop request (SIGUSR1 or SIGTERM to one
+worker, SIGTERM to the script) ends the job with 75 after a checkpoint, under both launchers,
+with no restart and no traceback (launch/supervise.sh)."""
 import os
 import signal
 import subprocess
@@ -51,8 +53,70 @@ def test_the_deepspeed_launcher_runs_two_processes_on_cpu(shards, tmp_path):
 
 
 def _workers(launcher: subprocess.Popen):
-    return [p for p in psutil.Process(launcher.pid).children(recursive=True)
-            if "eglp_dist" in " ".join(p.cmdline()) and "train" in p.cmdline()]
+    """The training processes under a launch script (not torchrun's agent, not the DeepSpeed
+    runner or its per-node launcher, whose command lines name eglp_dist too)."""
+    out = []
+    for p in psutil.Process(launcher.pid).children(recursive=True):
+        cmd = p.cmdline()
+        if "eglp_dist" in cmd and "train" in cmd and not any(
+                "torch.distributed.run" in c or "deepspeed" in c for c in cmd[:4]):
+            out.append(p)
+    return out
+
+
+def _wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while text not in log.read_text():
+        assert time.time() < deadline and proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.2)
+
+
+def _launch_folders():
+    import tempfile
+
+    return Path(tempfile.gettempdir()).glob("eglp_launch.*")
+
+
+STOP_CASES = [  # (launch script, whom, signal): two in the default run, all in `make test-all`
+    ("torchrun", "worker", signal.SIGUSR1),
+    ("deepspeed", "script", signal.SIGTERM),
+    pytest.param("torchrun", "script", signal.SIGTERM, marks=pytest.mark.slow),
+    pytest.param("torchrun", "worker", signal.SIGTERM, marks=pytest.mark.slow),
+    pytest.param("deepspeed", "worker", signal.SIGTERM, marks=pytest.mark.slow),
+    pytest.param("deepspeed", "worker", signal.SIGUSR1, marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("script,whom,sig", STOP_CASES)
+def test_a_stop_request_ends_the_job_with_75_after_a_checkpoint_without_restart(shards, tmp_path, script, whom, sig):
+    log = tmp_path / "job.log"
+    before = set(_launch_folders())
+    with open(log, "w") as f:
+        launcher = subprocess.Popen(
+            ["bash", str(ROOT / "launch" / f"{script}.sh"), CONFIG,
+             *_args(shards, tmp_path, "trainer.max_iters=400", "trainer.ckpt_interval=1000")],
+            cwd=ROOT, env=_env(NPROC="2", MAX_RESTARTS="2", RUN_ID=f"t{free_port()}"),
+            stdout=f, stderr=subprocess.STDOUT)
+    try:
+        _wait_for(log, "iter 3/400", launcher)
+        if whom == "script":
+            launcher.send_signal(sig)
+        else:
+            workers = _workers(launcher)
+            assert len(workers) == 2, [w.cmdline() for w in workers]
+            workers[-1].send_signal(sig)  # one rank: the control point makes it everyone's
+        code = launcher.wait(timeout=180)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    text = log.read_text()
+    assert code == 75, text[-4000:]
+    assert f"stopped by {sig.name} at iteration" in text, text[-3000:]
+    assert "Traceback" not in text and "SignalException" not in text, text[-4000:]
+    assert text.count("run folder ") == 1, text[-4000:]  # one start: nothing restarted the group
+    (stopped,) = (tmp_path / "demo_source_only" / "checkpoints").glob("iter_*")
+    assert (stopped / "COMPLETE").is_file() and 3 <= int(stopped.name.split("_")[1]) < 400
+    assert set(_launch_folders()) <= before  # the script removed its folder
 
 
 @pytest.mark.slow  # two torchrun runs of 12 iterations: `make test-all` (what CI runs)

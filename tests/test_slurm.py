@@ -60,18 +60,20 @@ def _student(run: Path, it: int):
     return export_fp32(run / "demo_source_only" / "checkpoints" / f"iter_{it:07d}" / "engines" / "student")
 
 
-def _preempt_and_finish(c, shards, tmp_path, iters, nodes):
-    """Submit, SIGUSR1 the tasks at iteration 3, wait for the script's requeue and the rerun."""
+def _preempt_and_finish(c, shards, tmp_path, iters, nodes, scancel=("--signal=USR1",), sig="SIGUSR1"):
+    """Submit, signal at iteration 3 (default: SIGUSR1 to the tasks), wait for the script's
+    requeue and the rerun."""
     log = tmp_path / "preempted.out"
     job = _submit(c, tmp_path / "preempted", log, shards, iters, nodes)
     wait_for(log, f"iter 3/{iters}")
-    c.run(["scancel", "--signal=USR1", job], check=True)  # reaches the tasks
+    c.run(["scancel", *scancel, job], check=True)
     wait_for(log, "requeueing", what="the batch script's requeue on exit 75")
     # SLURM holds a requeued job back until its old credential expires (cred_expire, 5 s here
     # instead of 120 s: a rerun on the same node before that is refused, "credential revoked")
     assert wait_done(c, job, log) == "COMPLETED", log.read_text()[-3000:]
     text = log.read_text()
-    assert "stopped by SIGUSR1 at iteration" in text and "attempt 1" in text and "resumed from" in text
+    assert f"stopped by {sig} at iteration" in text and "attempt 1" in text and "resumed from" in text
+    assert "Traceback" not in text
     return text
 
 
@@ -83,6 +85,15 @@ def test_a_preempted_sbatch_job_requeues_itself_and_finishes_like_an_unpreempted
     _preempt_and_finish(slurm, shards, tmp_path, iters, nodes=1)
     a, b = _student(tmp_path / "straight", iters), _student(tmp_path / "preempted", iters)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("scancel", [["--signal=TERM"], ["--batch", "--signal=TERM"]], ids=["tasks", "batch_script"])
+def test_sigterm_to_the_tasks_or_to_the_batch_script_checkpoints_and_requeues(slurm, shards, tmp_path, scancel):
+    """The batch script traps SIGTERM (its default would end the job and kill the tasks before
+    their checkpoint) and passes it to the tasks through slurmctld."""
+    text = _preempt_and_finish(slurm, shards, tmp_path, 30, nodes=1, scancel=scancel, sig="SIGTERM")
+    if "--batch" in scancel:
+        assert "SIGTERM received by the batch script; passed to the tasks" in text
 
 
 @pytest.fixture(scope="module")
