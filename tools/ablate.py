@@ -49,6 +49,8 @@ VARIANTS = {
     "PIG-style": ("tiny_pig", []),
     "EGLP": ("tiny_eglp", []),
     "EGLP w/o RCM": ("tiny_eglp", ["method.eglp.rcm.enabled=false"]),
+    "EGLP w/o RCM paste (thresholds kept)": ("tiny_eglp", ["method.eglp.rcm.paste_per_image=0"]),
+    "EGLP w/o RCM thresholds (paste kept)": ("tiny_eglp", ["method.eglp.rcm.class_thresholds=false"]),
     "EGLP w/o DMS (FIS only)": ("tiny_eglp", ["method.eglp.dms.enabled=false"]),
     "EGLP w/o FIS (DMS only)": ("tiny_eglp", ["method.eglp.fis.enabled=false"]),
     "EGLP w/o NFNet (prompt paste kept)": ("tiny_eglp", ["method.nfnet.enabled=false", "method.eglp.fis.enabled=false"]),
