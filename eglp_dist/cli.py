@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write synthetic street scenes in a real dataset layout")
     p.add_argument("--dataset", required=True, help="layout to write (cityscapes, acdc, gta5, ...)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="folder to write the dataset layout into")
     p.add_argument("--n", type=int, default=40, help="images per split")
     p.add_argument("--split", action="append", default=None, help="split(s) to write (default: layout's)")
     p.add_argument("--style", default=None, help="day | night | fog | rain | game (default: dataset's)")
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("tool_args", nargs=argparse.REMAINDER, help="arguments of tools/ablate.py")
 
     p = sub.add_parser("demo", help="synthetic day/night data -> shards -> 2-rank training -> mIoU")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default="runs/demo", help="folder of the data, shards and runs (default: runs/demo)")
     p.add_argument("--iters", type=int, default=None, help="iterations of each of the four trainings (default: 120)")
     p.add_argument("--pretrain", type=int, default=None,
                    help="iterations of the source-only stage 0 every training starts from (default: 1500; 0: random init)")

@@ -99,7 +99,7 @@ class GuardConfig:
 class TrainerConfig:
     max_iters: int = positive(40000)
     log_interval: int = positive(50)
-    eval_interval: int = positive(4000)
+    eval_interval: int = non_negative(4000)  # 0: no evaluation (else data.val needs shards)
     ckpt_interval: int = positive(4000)
     keep_last: int = positive(3)
     image_interval: int = positive(1000)  # picture grids to TensorBoard every K iterations

@@ -14,7 +14,6 @@ import contextlib
 import json
 import random
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
@@ -36,6 +35,7 @@ from eglp_dist.methods import build_method
 from eglp_dist.methods.base import method_seed
 from eglp_dist.metrics import format_table
 from eglp_dist.logging import Monitor
+from eglp_dist.notices import warning
 from eglp_dist.run_folder import (RunFolderBusy, RunLock, check_fresh_start, check_resume_config,
                                   record_attempt, run_dir_of)
 
@@ -73,7 +73,7 @@ def run_folder_lock(run_dir: Path, env) -> Iterator[None]:
     if verdict[0] == "busy":
         raise RunFolderBusy(verdict[1])
     if verdict[1] and env.is_main:
-        warnings.warn(verdict[1], stacklevel=3)
+        warning(verdict[1])
     try:
         yield
     finally:
@@ -95,6 +95,16 @@ def should(it: int, interval: int, max_iters: int) -> bool:
     return it % interval == 0 or it == max_iters
 
 
+def check_evaluable(cfg) -> None:
+    """A run that would train for hours and never evaluate, because no validation target has
+    shards, is refused: evaluation is switched off by saying so (``trainer.eval_interval=0``)."""
+    if cfg.trainer.eval_interval == 0 or any(t.shards for t in cfg.data.val.values()):
+        return
+    names = ", ".join(f"data.val.{n}.shards" for n in cfg.data.val) or "data.val (no targets)"
+    raise ConfigError(f"no validation stream to evaluate: {names} empty; give a target its shards, "
+                      f"or switch evaluation off with trainer.eval_interval=0")
+
+
 def train(cfg, local_rank: Optional[int] = None) -> Dict[str, Any]:
     """Train ``cfg`` on this process's rank; returns the last evaluation (``as_dict``) or {}.
     Initialises the process group if none exists and leaves it for the caller to shut down."""
@@ -108,6 +118,7 @@ def train(cfg, local_rank: Optional[int] = None) -> Dict[str, Any]:
                                         ground_truth=name in method.ground_truth_streams)
                for name in method.streams}
     # every target with shards, in config order (none: training without evaluation)
+    check_evaluable(cfg)
     val_loaders = {name: build_eval_loader(target, cfg.data, env.rank, env.world_size, device,
                                            name=f"val.{name}")
                    for name, target in cfg.data.val.items() if target.shards}
@@ -206,7 +217,7 @@ def _train_locked(cfg, env, device, method, streams, val_loaders, run_dir: Path)
                     monitor.flush(it, {f"lr/{k}": v for k, v in method.lrs().items()}, method.counters())
                 if it % t.image_interval == 0:
                     monitor.images(it, method.visuals(), cfg.data.mean, cfg.data.std)
-                evaluate_now = bool(val_loaders) and should(it, t.eval_interval, t.max_iters)
+                evaluate_now = t.eval_interval > 0 and should(it, t.eval_interval, t.max_iters)
                 save_now = should(it, t.ckpt_interval, t.max_iters) or decision.stop is not None
                 # before evaluating: an evaluation that fails must not cost the checkpoint
                 where["phase"] = "the checkpoint"

@@ -38,6 +38,8 @@ def train_with_method(config, overrides, catch=()):
 
 def tiny_train_args(shards, out, *extra):
     """Overrides of configs/demo/tiny_source_only.yaml for the short multi-process runs:
-    the tiny shards, 64-pixel crops, a log line per iteration, no pictures."""
+    the tiny shards, 64-pixel crops, a log line per iteration, no pictures, no evaluation
+    (a test that evaluates gives data.val shards and trainer.eval_interval)."""
     return [f"run.out_dir={out}", f"data.source.shards={shards['cityscapes_train']}", "data.source.crop_size=[64,64]",
-            "trainer.log_interval=1", "trainer.image_interval=1000", "schedule.warmup_iters=2", *extra]
+            "trainer.log_interval=1", "trainer.image_interval=1000", "schedule.warmup_iters=2",
+            "trainer.eval_interval=0", *extra]

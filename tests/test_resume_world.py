@@ -52,7 +52,11 @@ def test_zero2_resumes_on_another_world_size_and_a_switched_engine_is_named(shar
     assert all(err is None for _, err in out), out
     run_dir = tmp_path / "demo_source_only"
     assert (run_dir / "checkpoints" / "iter_0000004" / "COMPLETE").is_file()
-    log = capfd.readouterr().out  # the children's stdout (rank 0 writes the run's log lines)
+    captured = capfd.readouterr()
+    log = captured.out  # the children's stdout (rank 0 writes the run's log lines)
+    # the changed stream said once, by rank 0, plainly (not one UserWarning per rank)
+    assert captured.err.count("eglp: warning: data stream 'source' resumes with world_size=") == 1, captured.err
+    assert "UserWarning" not in captured.err
     assert f"ZeRO optimizer state re-partitioned from 2 to {world} rank(s)" in log
     zero_files = list((run_dir / "checkpoints" / "iter_0000004" / "engines" / "student" / "zero").glob("*optim_states.pt"))
     assert len(zero_files) == world

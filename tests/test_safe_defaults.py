@@ -372,3 +372,28 @@ def test_progress_in_a_log_file_is_one_plain_line_per_step_of_work(city, tmp_pat
     assert "\r" not in proc.stderr
     lines = [l for l in proc.stderr.splitlines() if l.startswith("pack cityscapes/train:")]
     assert lines and lines[-1].startswith("pack cityscapes/train: 6/6 img")
+
+
+# ---------------------------------------------------------------- a run that would never evaluate
+
+
+@pytest.mark.parametrize("config", ["tiny_source_only.yaml", "tiny_spn.yaml"])
+def test_a_run_with_no_evaluable_validation_stream_is_refused_unless_evaluation_is_off(config, tmp_path):
+    from eglp_dist.train import check_evaluable
+
+    cfg = load_config(DEMO / config, [f"run.out_dir={tmp_path}"])
+    assert not any(t.shards for t in cfg.data.val.values())
+    with pytest.raises(ConfigError, match=r"no validation stream to evaluate: data\.val\.\w+\.shards.*"
+                                          r"trainer\.eval_interval=0"):
+        check_evaluable(cfg)
+    check_evaluable(load_config(DEMO / config, ["trainer.eval_interval=0"]))  # said explicitly: accepted
+    name = next(iter(cfg.data.val))
+    check_evaluable(load_config(DEMO / config, [f"data.val.{name}.shards=somewhere"]))
+
+
+def test_eglp_train_without_validation_shards_exits_2_before_making_the_run_folder(shards, tmp_path):
+    proc = eglp("train", DEMO / "tiny_source_only.yaml", f"run.out_dir={tmp_path / 'runs'}",
+                f"data.source.shards={shards['cityscapes_train']}", "trainer.max_iters=2")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "data.val.acdc_night.shards empty" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()

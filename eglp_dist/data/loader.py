@@ -21,7 +21,6 @@ per batch (reduce the confusion matrix once at the end).
 """
 from __future__ import annotations
 
-import warnings
 from typing import Iterator, Optional
 
 import torch
@@ -30,7 +29,7 @@ from eglp_dist.data import dali, pil
 from eglp_dist.data.config import backend_of, check_data_config, check_eval_stream, check_stream
 from eglp_dist.data.planning import SampleSource, open_stream_shards
 from eglp_dist.data.shards import SEG_EXT, eval_range
-from eglp_dist.errors import ConfigError
+from eglp_dist.notices import warning
 
 
 def _stream_name(stream_cfg, data_cfg) -> str:
@@ -96,12 +95,13 @@ class TrainStream:
                 "batch_size": self.batch_size, "num_samples": self.num_samples}
 
     def load_state_dict(self, state: dict) -> None:
-        for key, mine in (("world_size", self.world_size), ("batch_size", self.batch_size),
-                          ("num_samples", self.num_samples), ("seed", self.source.seed)):
-            if state.get(key, mine) != mine:
-                warnings.warn(f"data stream {self.name!r}: resuming with {key}={mine} but the "
-                              f"checkpoint has {state[key]}; batches will differ from the "
-                              f"uninterrupted run", stacklevel=2)
+        changed = [f"{key}={mine} (checkpoint: {state[key]})"
+                   for key, mine in (("world_size", self.world_size), ("batch_size", self.batch_size),
+                                     ("num_samples", self.num_samples), ("seed", self.source.seed))
+                   if state.get(key, mine) != mine]
+        if changed:
+            warning(f"data stream {self.name!r} resumes with {', '.join(changed)}; its batches "
+                    f"differ from the uninterrupted run's")
         self.close()
         self.step = int(state["step"])
 

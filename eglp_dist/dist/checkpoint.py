@@ -30,7 +30,6 @@ import os
 import random
 import re
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Protocol, runtime_checkable
 
@@ -40,6 +39,7 @@ import torch
 from eglp_dist.atomic import torch_save_atomic
 from eglp_dist.dist import comm
 from eglp_dist.errors import DataError
+from eglp_dist.notices import warning
 
 
 
@@ -158,9 +158,9 @@ def find_latest(ckpt_root: os.PathLike | str) -> Optional[Path]:
         problem = damage(path)
         if problem is None:
             if skipped:
-                warnings.warn(f"checkpoint {skipped[0][0]} is damaged ({skipped[0][1]}); resuming from "
-                              f"{path} instead" + (f" ({len(skipped) - 1} more damaged ones skipped)"
-                                                   if len(skipped) > 1 else ""), stacklevel=2)
+                warning(f"checkpoint {skipped[0][0]} is damaged ({skipped[0][1]}); resuming from "
+                        f"{path} instead" + (f" ({len(skipped) - 1} more damaged ones skipped)"
+                                             if len(skipped) > 1 else ""))
             return path.resolve()
         skipped.append((path, problem))
     if skipped:  # never a silent restart from scratch over a run's damaged checkpoints

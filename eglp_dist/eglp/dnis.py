@@ -83,7 +83,7 @@ class DNIS:
         """``dnis/<class>`` for every class on every rank (same keys whatever the data)."""
         v = self.value() if value is None else value
         out = {f"dnis/{CLASSES[c] if c < len(CLASSES) else c}": v[c] for c in range(self.k)}
-        out["dnis/seen_classes"] = self.seen().sum().float()
+        out["dnis/seen_share"] = self.seen().float().mean()  # of the K classes: averaged over steps
         return out
 
     # -- checkpoint (Stateful) ---------------------------------------------------------------
