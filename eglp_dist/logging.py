@@ -1,6 +1,6 @@
 """What a run shows while it trains: a progress line on rank 0 and TensorBoard scalars/images.
 
-(The module is ``eglp_dist.logging``, as DESIGN.md lays out; it never shadows the standard
+(The module is ``eglp_dist.logging``, as docs/design.md lays out; it never shadows the standard
 library's ``logging``, which absolute imports keep reaching.)
 
 Losses are kept as tensors and summed locally every step; only at a log interval are they

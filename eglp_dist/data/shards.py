@@ -1,6 +1,6 @@
 """The shard format, both ways: tar + DALI index writer, manifest, and a random-access reader.
 
-This is the contract between ``eglp pack`` and every loader (see DESIGN.md "Shard format"):
+This is the contract between ``eglp pack`` and every loader (docs/design.md; image formats in docs/data.md):
 
     <out>/<dataset>-<split>-000000.tar   GNU tar; per sample KEY.jpg|KEY.png, KEY.seg.png, KEY.json
     <out>/<dataset>-<split>-000000.idx   DALI webdataset index ("v1.2 N", then per sample

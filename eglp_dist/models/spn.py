@@ -2,7 +2,7 @@
 
 Sources and how far each part is from them
 ------------------------------------------
-SPN's public material is its README (``shared/seeds/SPN-README.md``); its code is not
+SPN's public material is its authors' README; its code is not
 public. The README says, in its own words, that SPN
 
   (R1) "uses multiple resolution inputs in the encoder to effectively combine coarse-grained
