@@ -35,3 +35,28 @@ def test_the_design_page_names_only_modules_that_exist():
     grouped = {n for n in package if n.startswith(("synth", "convert"))}  # named as synth*.py, convert*.py
     missing = package - named - grouped
     assert not missing, sorted(missing)
+
+
+def _readme_block(heading: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else len(text)]
+
+
+def test_the_readme_layout_names_only_what_the_tree_has():
+    block = _readme_block("Layout")
+    files = set(re.findall(r"\b([a-z_]+\.(?:py|sh|yaml|sbatch|example|md))\b", block))
+    folders = set(re.findall(r"\b([a-z_]+)/", block))
+    tree = {p.name for p in ROOT.rglob("*") if ".venv" not in p.parts and "runs" not in p.parts}
+    assert files and not {f for f in files if f not in tree and "*" not in f}, sorted(files - tree)
+    assert folders and not folders - tree, sorted(folders - tree)
+
+
+def test_the_readme_lists_every_subcommand_the_cli_has():
+    from eglp_dist.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    listed = re.search(r"# subcommands: ([^\n]+)", _readme_block("Command line")).group(1).split()
+    assert sorted(listed) == sorted(sub.choices), (listed, sorted(sub.choices))
