@@ -39,6 +39,10 @@ test: setup
 test-all: setup
 	$(RUN) $(PY) -m pytest -q -m "slow or not slow"
 
+# pyflakes-class mistakes and pycodestyle's errors (pyproject.toml [tool.ruff]); CI runs it
+lint: setup
+	$(VENV)/bin/ruff check .
+
 bench: setup
 	$(RUN) $(PY) tools/bench_engine.py --ranks 2
 	$(RUN) $(PY) tools/bench_loader.py

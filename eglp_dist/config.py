@@ -27,7 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from eglp_dist.atomic import write_text_atomic
 from eglp_dist.config_fields import choice, non_negative, positive
-from eglp_dist.config_merge import (PACKAGE_CONFIG_ROOT, _group_file, _read_yaml,
+from eglp_dist.config_merge import (PACKAGE_CONFIG_ROOT, _group_file, _read_yaml,  # noqa: F401 (PACKAGE_CONFIG_ROOT: re-exported)
                                     compose_file, config_root_for, flat_items, merge_checked)
 from eglp_dist.data.config import DataConfig, check_data_config
 from eglp_dist.errors import ConfigError

@@ -71,9 +71,9 @@ def check_same_keys(keys) -> None:
         return
     lists = comm.all_gather_object(list(keys))
     union = sorted(set().union(*map(set, lists)))
-    differing = [k for k in union if not all(k in l for l in lists)]
-    where = "; ".join(f"rank {r} lacks {', '.join(k for k in differing if k not in l)}"
-                      for r, l in enumerate(lists) if any(k not in l for k in differing))
+    differing = [k for k in union if not all(k in keys for keys in lists)]
+    where = "; ".join(f"rank {r} lacks {', '.join(k for k in differing if k not in keys)}"
+                      for r, keys in enumerate(lists) if any(k not in keys for k in differing))
     raise RuntimeError(f"ranks logged different keys ({where}): every rank must log the same keys "
                        f"every step, whatever its data (log a zero, not nothing)")
 

@@ -159,8 +159,9 @@ def _fresh(tmp_path, n=3):
     root = tmp_path / "cs"
     synth.write_dataset("cityscapes", root, n=n, splits=["train"], size=SIZE)
     imgs = sorted((root / "leftImg8bit" / "train").rglob("*.png"))
-    lbl = lambda img, kind="labelTrainIds": root / "gtFine" / "train" / img.parent.name / \
-        img.name.replace("_leftImg8bit.png", f"_gtFine_{kind}.png")
+    def lbl(img, kind="labelTrainIds"):
+        return root / "gtFine" / "train" / img.parent.name / img.name.replace("_leftImg8bit.png", f"_gtFine_{kind}.png")
+
     return root, imgs, lbl
 
 

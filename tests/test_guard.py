@@ -168,7 +168,7 @@ def _rank1_stopped_at_iteration_3(shards, tmp_path, stop, *extra):
             if p.poll() is None:
                 p.kill()
     text = (logs / "rank0.log").read_text()
-    line = next((l for l in text.splitlines() if "eglp train: error: rank 0: iteration" in l), text[-3000:])
+    line = next((row for row in text.splitlines() if "eglp train: error: rank 0: iteration" in row), text[-3000:])
     return code, waited, line
 
 

@@ -1,5 +1,4 @@
 """The UDA recipe's step: teacher timing, what each part feeds the loss, config checks."""
-import pytest
 import torch
 
 from dist_harness import run_ranks

@@ -122,7 +122,6 @@ def test_a_teacher_replaced_by_the_ground_truth_scores_100_on_two_ranks(tiny_sha
 
 
 def _weights(env, config, overrides):
-    from eglp_dist.dist.engine import export_fp32
 
     m, _ = train_with_method(config, overrides)
     return {n: {k: v.clone() for k, v in e.model.state_dict().items()} for n, e in m.engines.items()}, \

@@ -105,7 +105,7 @@ def test_an_interrupted_pack_cleans_up_and_says_one_line(tmp_path, sig):
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
-    lines = [l for l in stderr.splitlines() if not l.startswith("pack cityscapes/train:")]
+    lines = [row for row in stderr.splitlines() if not row.startswith("pack cityscapes/train:")]
     assert lines == [f"eglp pack: interrupted ({sig.name}); partial output removed"], stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]  # no .shards.tmp-*, no shards
 
@@ -370,7 +370,7 @@ def test_progress_in_a_log_file_is_one_plain_line_per_step_of_work(city, tmp_pat
     proc = eglp("pack", "--dataset", "cityscapes", "--root", city, "--split", "train", "--out", tmp_path / "s")
     assert proc.returncode == 0
     assert "\r" not in proc.stderr
-    lines = [l for l in proc.stderr.splitlines() if l.startswith("pack cityscapes/train:")]
+    lines = [row for row in proc.stderr.splitlines() if row.startswith("pack cityscapes/train:")]
     assert lines and lines[-1].startswith("pack cityscapes/train: 6/6 img")
 
 

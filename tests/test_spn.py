@@ -164,7 +164,7 @@ def _targets_worker(env, config, overrides, ckpt_dir):
     results = evaluate_targets(model, loaders, "cpu")
     out = {"confusion": {n: r.metrics.confusion for n, r in results.items()},
            "headline": {n: r.headline for n, r in results.items()},
-           "table": format_targets(results), "sizes": {n: len(l) for n, l in loaders.items()}}
+           "table": format_targets(results), "sizes": {n: len(loader) for n, loader in loaders.items()}}
     if ckpt_dir:
         weights = Path(ckpt_dir) / "model.pt"
         if env.rank == 0:

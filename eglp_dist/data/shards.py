@@ -84,7 +84,7 @@ class ShardWriter:
     def close(self) -> int:
         self._tar.close()
         idx = self.path.with_suffix(".idx")
-        idx.write_text(f"{IDX_VERSION} {len(self._lines)}\n" + "".join(l + "\n" for l in self._lines))
+        idx.write_text(f"{IDX_VERSION} {len(self._lines)}\n" + "".join(line + "\n" for line in self._lines))
         return len(self._lines)
 
 
