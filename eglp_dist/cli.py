@@ -189,7 +189,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 # Commands that may hold DeepSpeed and DDP engines in one process; they end without
-# interpreter finalisation (see eglp_dist.dist.env.exit_without_finalizers).
+# interpreter finalisation (see eglp_dist.runtime.env.exit_without_finalizers).
 EXIT_WITHOUT_FINALIZERS = {"train"}
 
 
@@ -199,7 +199,7 @@ def entry() -> None:
     code = main(argv)
     command = split_local_rank(argv)[0][:1]
     if command and command[0] in EXIT_WITHOUT_FINALIZERS:
-        from eglp_dist.dist.env import exit_without_finalizers
+        from eglp_dist.runtime.env import exit_without_finalizers
 
         exit_without_finalizers(code)
     raise SystemExit(code)

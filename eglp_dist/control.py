@@ -8,7 +8,7 @@ all-reduced (MAX) once after each iteration, and all ranks act on the same step 
 a checkpoint, then leave with :data:`EXIT_PREEMPTED`. The same reduction carries the "this
 step was skipped" flag, so the counting of bad steps cannot drift between ranks.
 
-Bad steps are detected where the gradients are whole (``dist/engine.py``): under DDP after
+Bad steps are detected where the gradients are whole (``runtime/engine.py``): under DDP after
 the gradient all-reduce (a NaN on one rank is a NaN on every rank), under ZeRO by DeepSpeed's
 own global gradient-norm check; the optimizer step is then skipped, and
 ``trainer.guard.max_bad_steps`` in a row stop the run after a checkpoint of the last good
@@ -24,7 +24,7 @@ from typing import Iterator, List, Optional
 
 import torch
 
-from eglp_dist.dist import comm
+from eglp_dist.runtime import comm
 from eglp_dist.errors import ConfigError
 
 # sysexits' EX_TEMPFAIL ("try again later"): the job stopped on request after a checkpoint;

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from eglp_dist.atomic import write_text_atomic
 from eglp_dist.data.labels import CLASSES, NUM_CLASSES
 from eglp_dist.data.planning import to_device
-from eglp_dist.dist import comm
-from eglp_dist.dist.engine import autocast, autocast_dtype
+from eglp_dist.runtime import comm
+from eglp_dist.runtime.engine import autocast, autocast_dtype
 from eglp_dist.errors import DataError
 from eglp_dist.metrics import ConfusionMeter, SegMetrics, format_table, metrics_from_confusion
 from eglp_dist.weights import load_into, load_weights, resolve_checkpoint_dir
@@ -264,7 +264,7 @@ def _open_session(args: argparse.Namespace) -> CliSession:
     import torch.distributed as tdist
 
     from eglp_dist.config import load_config
-    from eglp_dist.dist.env import detect_env, init_distributed
+    from eglp_dist.runtime.env import detect_env, init_distributed
     from eglp_dist.models import build_segmentor
 
     cfg = load_config(args.config, list(args.overrides or []))
@@ -287,7 +287,7 @@ def _open_session(args: argparse.Namespace) -> CliSession:
 def cli_session(args: argparse.Namespace) -> Iterator[CliSession]:
     """The setup of ``eglp eval`` / ``eglp predict`` (``args``: config, checkpoint, overrides,
     local_rank) for the block; a process group it created is shut down afterwards."""
-    from eglp_dist.dist.env import shutdown
+    from eglp_dist.runtime.env import shutdown
 
     session = _open_session(args)
     try:

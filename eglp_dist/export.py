@@ -20,7 +20,7 @@ import torch
 
 from eglp_dist.atomic import atomic_path
 from eglp_dist.data.labels import TRAIN_TO_CITYSCAPES_ID, colorize
-from eglp_dist.dist import comm
+from eglp_dist.runtime import comm
 from eglp_dist.errors import ConfigError, DataError
 from eglp_dist.evaluate import Prediction, cli_session, eval_targets, iter_predictions
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from eglp_dist.data.labels import CLASSES, colorize
-from eglp_dist.dist import comm
+from eglp_dist.runtime import comm
 
 # Order of the picture grid's columns; a method fills the ones it has.
 GRID_ORDER = ("src_img", "src_seg", "src_pred", "tgt_img", "tgt_seg", "tgt_pseudo", "mix_img", "mix_seg",

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from eglp_dist.data.labels import CLASS_SETS, CLASSES, IGNORE_INDEX, NUM_CLASSES
-from eglp_dist.dist import comm
+from eglp_dist.runtime import comm
 
 
 def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int = NUM_CLASSES) -> torch.Tensor:

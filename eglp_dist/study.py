@@ -34,7 +34,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from eglp_dist.config import PACKAGE_CONFIG_ROOT
-from eglp_dist.dist.env import free_port
+from eglp_dist.runtime.env import free_port
 
 # Bumped whenever a method's behaviour changes in a way that makes earlier cached runs stale
 # (the hash of a run's folder includes it).

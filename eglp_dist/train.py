@@ -25,11 +25,11 @@ from eglp_dist.control import (ControlPoint, RankLost, StopRequested, TooManyBad
                                startup_timeout, step_timeouts, stopped_for_launcher)
 from eglp_dist.data.leaks import check_streams_disjoint
 from eglp_dist.data.loader import build_eval_loader, build_train_stream
-from eglp_dist.dist import comm
-from eglp_dist.dist.checkpoint import (find_latest, load_checkpoint, read_run_state, resolve_checkpoint,
+from eglp_dist.runtime import comm
+from eglp_dist.runtime.checkpoint import (find_latest, load_checkpoint, read_run_state, resolve_checkpoint,
                                       save_checkpoint, saved_world_size)
-from eglp_dist.dist.engine import autocast_dtype
-from eglp_dist.dist.env import detect_env, init_distributed, shutdown
+from eglp_dist.runtime.engine import autocast_dtype
+from eglp_dist.runtime.env import detect_env, init_distributed, shutdown
 from eglp_dist.errors import ConfigError
 from eglp_dist.methods import build_method
 from eglp_dist.methods.base import method_seed

@@ -4,7 +4,7 @@ Kept apart from inference (``evaluate.py``) and from encoder conversion
 (``models/convert.py``) because both need it: :func:`read_weight_file` is the one reader of
 user-given ``.pt``/``.pth`` files (tensor-only ``torch.load``, container unwrapping, DDP
 ``module.`` prefixes), ``convert.read_state_dict`` only adds the encoder-prefix step on top.
-Checkpoint folders are found with ``dist/checkpoint.py``'s own marker, name pattern and
+Checkpoint folders are found with ``runtime/checkpoint.py``'s own marker, name pattern and
 ``find_latest``, so the layout is defined in one place.
 
     state_dict = load_weights("runs/x/checkpoints/latest")  # fp32, plain keys
@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Mapping
 import torch
 import torch.nn as nn
 
-from eglp_dist.dist.checkpoint import COMPLETE, ITER_RE, find_latest
+from eglp_dist.runtime.checkpoint import COMPLETE, ITER_RE, find_latest
 from eglp_dist.errors import DataError
 
 StateDict = Dict[str, torch.Tensor]
@@ -105,7 +105,7 @@ def load_weights(checkpoint: os.PathLike | str, engine: str = "student") -> Stat
     the checkpoint (an EMA teacher in ``modules.pt``) is read from there. Needs no process
     group. Errors are DataErrors naming the path and the problem.
     """
-    from eglp_dist.dist.engine import export_fp32
+    from eglp_dist.runtime.engine import export_fp32
 
     p = Path(checkpoint)
     if p.is_file():

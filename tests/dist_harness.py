@@ -1,6 +1,6 @@
-"""The tests' multi-process harness: :mod:`eglp_dist.dist.spawn` (real gloo ranks, as a
+"""The tests' multi-process harness: :mod:`eglp_dist.runtime.spawn` (real gloo ranks, as a
 launcher starts them) and a training worker."""
-from eglp_dist.dist.spawn import launcher_environ, run_ranks, slurm_port  # noqa: F401
+from eglp_dist.runtime.spawn import launcher_environ, run_ranks, slurm_port  # noqa: F401
 
 
 def train_worker(env, config, overrides):

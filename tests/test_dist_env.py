@@ -2,7 +2,7 @@
 import pytest
 
 from dist_harness import run_ranks
-from eglp_dist.dist.env import DistEnv, detect_env, expand_slurm_nodelist
+from eglp_dist.runtime.env import DistEnv, detect_env, expand_slurm_nodelist
 
 
 def test_plain_process_is_single_rank():
@@ -54,7 +54,7 @@ def test_bad_variable_names_the_variable():
 
 
 def _whoami(env):
-    from eglp_dist.dist import comm
+    from eglp_dist.runtime import comm
     import torch
 
     total = comm.all_reduce_sum(torch.tensor([env.rank + 1]))

@@ -198,7 +198,7 @@ def shards(tmp_path_factory):
 
 @pytest.mark.parametrize("engine", ["ddp", pytest.param("zero2", marks=pytest.mark.slow)])
 def test_eglp_resume_is_exact_on_two_ranks(shards, tmp_path, engine):
-    from eglp_dist.dist.engine import export_fp32
+    from eglp_dist.runtime.engine import export_fp32
 
     def args(out):
         return [f"run.out_dir={out}", f"data.source.shards={shards['cityscapes_train']}",
@@ -238,7 +238,7 @@ def test_eglp_resume_is_exact_on_two_ranks(shards, tmp_path, engine):
 
 
 def _eglp_method(overrides=()):
-    from eglp_dist.dist.env import DistEnv
+    from eglp_dist.runtime.env import DistEnv
     from eglp_dist.methods import build_method
 
     cfg = load_config(EGLP, ["data.source.crop_size=[64,64]", "data.target.crop_size=[64,64]",

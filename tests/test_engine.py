@@ -12,7 +12,7 @@ def _engine(env, kind, grad_accum=1, lr=1e-2, model=None, seed=0):
     from omegaconf import OmegaConf
 
     from eglp_dist.config import EngineConfig, OptimConfig, ScheduleConfig
-    from eglp_dist.dist.engine import build_engine
+    from eglp_dist.runtime.engine import build_engine
 
     model = model if model is not None else make_tiny(seed)
     ecfg = OmegaConf.structured(EngineConfig(kind=kind, grad_accum=grad_accum))
@@ -88,7 +88,7 @@ def test_gradient_accumulation_equals_the_whole_batch(kind):
 def _two_engines_and_teacher(env):
     """EGLP's shape: student and NFNet, two optimised models with different engines, plus an
     EMA teacher of the student, interleaved in one process."""
-    from eglp_dist.dist.ema import EMATeacher
+    from eglp_dist.runtime.ema import EMATeacher
 
     student = _engine(env, "zero2", seed=0)
     nfnet = _engine(env, "ddp", seed=1, lr=5e-3)
@@ -133,9 +133,9 @@ def test_two_engines_in_one_process_do_not_interfere():
 def _checkpoint_round_trip(env, kind, tmp):
     from pathlib import Path
 
-    from eglp_dist.dist.checkpoint import find_latest, load_checkpoint, save_checkpoint
-    from eglp_dist.dist.ema import EMATeacher
-    from eglp_dist.dist.engine import export_fp32
+    from eglp_dist.runtime.checkpoint import find_latest, load_checkpoint, save_checkpoint
+    from eglp_dist.runtime.ema import EMATeacher
+    from eglp_dist.runtime.engine import export_fp32
 
     root = Path(tmp) / kind
     eng = _engine(env, kind)
@@ -203,7 +203,7 @@ def _save_after_two_steps(env, tmp):
     """DDP and ZeRO-2 trained alike for 2 steps and saved (one process start for both)."""
     from pathlib import Path
 
-    from eglp_dist.dist.checkpoint import save_checkpoint
+    from eglp_dist.runtime.checkpoint import save_checkpoint
 
     out = {}
     for kind in ("ddp", "zero2"):
@@ -217,7 +217,7 @@ def _save_after_two_steps(env, tmp):
 def _load_and_continue(env, tmp):
     from pathlib import Path
 
-    from eglp_dist.dist.checkpoint import find_latest, load_checkpoint
+    from eglp_dist.runtime.checkpoint import find_latest, load_checkpoint
 
     out = {}
     for kind in ("ddp", "zero2"):

@@ -65,8 +65,8 @@ def _make_checkpoint(env, root):
     from omegaconf import OmegaConf
 
     from eglp_dist.config import EngineConfig, OptimConfig, ScheduleConfig
-    from eglp_dist.dist.checkpoint import save_checkpoint
-    from eglp_dist.dist.engine import build_engine
+    from eglp_dist.runtime.checkpoint import save_checkpoint
+    from eglp_dist.runtime.engine import build_engine
     from eglp_dist.models import build_segmentor, load_model_config
 
     torch.manual_seed(7)

@@ -76,7 +76,7 @@ def test_mic_weight_scales_only_the_masked_decode_loss():
 
 
 def _teacher_bn(env):
-    from eglp_dist.dist.ema import EMATeacher
+    from eglp_dist.runtime.ema import EMATeacher
 
     torch.manual_seed(0)
     student = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
@@ -118,7 +118,7 @@ def test_ddp_does_not_warn_about_depthwise_grad_strides_but_would_about_real_one
         assert not [m for m in messages if "Grad strides" in m], messages
     import warnings
 
-    from eglp_dist.dist.engine import quiet_depthwise_stride_warning
+    from eglp_dist.runtime.engine import quiet_depthwise_stride_warning
 
     head = "Grad strides do not match bucket view strides. This may indicate ...\n"
     with warnings.catch_warnings(record=True) as caught:

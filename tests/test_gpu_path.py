@@ -12,7 +12,7 @@ def _engine(env, kind, precision="fp32", lr=1e-2, seed=0):
     from omegaconf import OmegaConf
 
     from eglp_dist.config import EngineConfig, OptimConfig, ScheduleConfig
-    from eglp_dist.dist.engine import build_engine
+    from eglp_dist.runtime.engine import build_engine
 
     model = make_tiny(seed)
     ecfg = OmegaConf.structured(EngineConfig(kind=kind, precision=precision))
@@ -65,7 +65,7 @@ def _gloo_on_a_gpu_host(env):
     accelerator too, and a ZeRO engine trains on CPU tensors."""
     torch.cuda.device_count = lambda: 1
     torch.cuda.is_available = lambda: True
-    from eglp_dist.dist.env import init_distributed
+    from eglp_dist.runtime.env import init_distributed
 
     device = init_distributed(env, backend="auto")  # the group exists (gloo): it decides
     from deepspeed.accelerator import get_accelerator
@@ -87,7 +87,7 @@ def test_an_accelerator_chosen_before_is_replaced(monkeypatch):
     from deepspeed.accelerator import real_accelerator
     from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
 
-    from eglp_dist.dist.env import align_deepspeed_accelerator
+    from eglp_dist.runtime.env import align_deepspeed_accelerator
 
     monkeypatch.setattr(real_accelerator, "ds_accelerator", CUDA_Accelerator())
     monkeypatch.setenv("DS_ACCELERATOR", "cuda")
@@ -101,7 +101,7 @@ def test_an_accelerator_chosen_before_is_replaced(monkeypatch):
 # -- 3: one GPU per task -----------------------------------------------------------------
 
 def test_one_gpu_per_task_maps_every_local_rank_to_the_visible_device():
-    from eglp_dist.dist.env import cuda_device_index, detect_env
+    from eglp_dist.runtime.env import cuda_device_index, detect_env
     from eglp_dist.errors import ConfigError
 
     env = detect_env({"SLURM_PROCID": "11", "SLURM_NTASKS": "16", "SLURM_LOCALID": "3",
@@ -128,7 +128,7 @@ def test_deepspeed_is_told_our_device_not_local_rank(monkeypatch):
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(deepspeed, "initialize", spy)
-    from eglp_dist.dist.env import DistEnv
+    from eglp_dist.runtime.env import DistEnv
 
     with pytest.raises(RuntimeError, match="stop here"):
         _engine(DistEnv(local_rank=3, local_world_size=8), "zero2")
@@ -142,7 +142,7 @@ def test_zero_buckets_are_the_same_bytes_as_ddps():
     from omegaconf import OmegaConf
 
     from eglp_dist.config import EngineConfig
-    from eglp_dist.dist.engine import deepspeed_config
+    from eglp_dist.runtime.engine import deepspeed_config
 
     cfg = deepspeed_config(OmegaConf.structured(EngineConfig(kind="zero2", bucket_mb=25)), world_size=2)
     zero = cfg["zero_optimization"]
@@ -342,7 +342,7 @@ def test_rare_class_memory_without_host_syncs_stores_and_pastes_the_same():
 # -- 5: TF32 as a precision ----------------------------------------------------------------
 
 def test_tf32_precision_switches_fp32_matmuls_to_tf32_and_fp32_back():
-    from eglp_dist.dist.env import DistEnv
+    from eglp_dist.runtime.env import DistEnv
 
     try:
         _engine(DistEnv(), "ddp", precision="tf32")

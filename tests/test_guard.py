@@ -13,7 +13,7 @@ import torch
 
 from dist_harness import launcher_environ, run_ranks, train_with_method, tiny_train_args
 from eglp_dist.config import PACKAGE_CONFIG_ROOT
-from eglp_dist.dist.env import free_port
+from eglp_dist.runtime.env import free_port
 
 CONFIG = PACKAGE_CONFIG_ROOT / "demo" / "tiny_source_only.yaml"
 
@@ -27,7 +27,7 @@ _args = tiny_train_args
 
 
 def _student(ckpt: Path):
-    from eglp_dist.dist.engine import export_fp32
+    from eglp_dist.runtime.engine import export_fp32
 
     return export_fp32(ckpt / "engines" / "student")
 
@@ -134,7 +134,7 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(shards, tm
     engine_file = ckpts / "iter_0000002" / "engines" / "student" / "engine.pt"
     with open(engine_file, "r+b") as f:  # a copy cut short / a full disk
         f.truncate(engine_file.stat().st_size // 3)
-    from eglp_dist.dist.checkpoint import find_latest
+    from eglp_dist.runtime.checkpoint import find_latest
 
     capsys.readouterr()
     assert find_latest(ckpts) == (ckpts / "iter_0000001").resolve()

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dist_harness import tiny_train_args
-from eglp_dist.dist.env import free_port
+from eglp_dist.runtime.env import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/demo/tiny_source_only.yaml"
@@ -38,7 +38,7 @@ _args = tiny_train_args
 
 
 def _student(ckpt: Path):
-    from eglp_dist.dist.engine import export_fp32
+    from eglp_dist.runtime.engine import export_fp32
 
     return export_fp32(ckpt / "engines" / "student")
 

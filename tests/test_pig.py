@@ -106,7 +106,7 @@ def test_lpips_similarity_needs_a_local_alexnet_file_and_works_with_one(tmp_path
 
 
 def _pig_step_contracts(env):
-    from eglp_dist.dist.ema import ema_alpha
+    from eglp_dist.runtime.ema import ema_alpha
     from eglp_dist.methods import build_method
 
     cfg = load_config(PIG, SMALL)
@@ -214,7 +214,7 @@ def _overrides(shards, out, *extra):
 
 
 def _final(run_dir: Path, step: int):
-    from eglp_dist.dist.engine import export_fp32
+    from eglp_dist.runtime.engine import export_fp32
 
     ckpt = run_dir / "checkpoints" / f"iter_{step:07d}"
     engines = {n: export_fp32(ckpt / "engines" / n) for n in ("student", "nfnet")}

@@ -13,7 +13,7 @@ import torch
 
 from dist_harness import tiny_train_args
 from eglp_dist.config import PACKAGE_CONFIG_ROOT
-from eglp_dist.dist.env import free_port
+from eglp_dist.runtime.env import free_port
 from slurm_cluster import IFNAME, cluster, wait_done, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ def _submit(c, out: Path, log: Path, shards, iters: int, nodes: int = 1) -> str:
 
 
 def _student(run: Path, it: int):
-    from eglp_dist.dist.engine import export_fp32
+    from eglp_dist.runtime.engine import export_fp32
 
     return export_fp32(run / "demo_source_only" / "checkpoints" / f"iter_{it:07d}" / "engines" / "student")
 

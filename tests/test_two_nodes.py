@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dist_harness import tiny_train_args
-from eglp_dist.dist.env import free_port
+from eglp_dist.runtime.env import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/demo/tiny_source_only.yaml"
@@ -71,7 +71,7 @@ def _env(**extra):
 
 
 def _student(run: Path):
-    from eglp_dist.dist.engine import export_fp32
+    from eglp_dist.runtime.engine import export_fp32
 
     return export_fp32(run / "demo_source_only" / "checkpoints" / "iter_0000004" / "engines" / "student")
 

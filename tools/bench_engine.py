@@ -42,8 +42,8 @@ def _work(env, width, depth, steps):
     from omegaconf import OmegaConf
 
     from eglp_dist.config import EngineConfig, OptimConfig, ScheduleConfig
-    from eglp_dist.dist import comm
-    from eglp_dist.dist.engine import build_engine
+    from eglp_dist.runtime import comm
+    from eglp_dist.runtime.engine import build_engine
 
     rows = {}
     for kind in KINDS:
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     p.add_argument("--depth", type=int, default=8)
     p.add_argument("--steps", type=int, default=5)
     a = p.parse_args(argv)
-    from eglp_dist.dist.spawn import run_ranks
+    from eglp_dist.runtime.spawn import run_ranks
 
     rows = run_ranks(_work, a.ranks, args=(a.width, a.depth, a.steps))[0]
     ddp = rows["ddp"]

@@ -76,7 +76,7 @@ def _time_similarity(method, device) -> list:
 
 def _time_reduction(device) -> list:
     """Seconds of every comm.all_reduce_sum (within a step, only EGLP's statistics)."""
-    from eglp_dist.dist import comm
+    from eglp_dist.runtime import comm
 
     spent: list = []
     comm.all_reduce_sum = _timed(comm.all_reduce_sum, device, spent)
@@ -88,7 +88,7 @@ def _work(env, config, overrides, name, warmup, iters):
     from eglp_dist.config import load_config
     from eglp_dist.methods import build_method
 
-    from eglp_dist.dist.env import current_device
+    from eglp_dist.runtime.env import current_device
 
     device = current_device(env)
     cfg = load_config(config, list(overrides))
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=8)
     a = p.parse_args(argv)
-    from eglp_dist.dist.spawn import run_ranks
+    from eglp_dist.runtime.spawn import run_ranks
 
     default_config, variants = SUITES[a.suite]
     config = a.config or str(PACKAGE_CONFIG_ROOT / "demo" / f"{default_config}.yaml")

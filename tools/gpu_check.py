@@ -106,7 +106,7 @@ def measure_step(env, config, overrides, warmup, iters) -> dict:
     from bench_step import fake_batch
 
     from eglp_dist.config import load_config
-    from eglp_dist.dist.env import current_device
+    from eglp_dist.runtime.env import current_device
     from eglp_dist.methods import build_method
 
     device = current_device(env)
@@ -147,8 +147,8 @@ def measure_step(env, config, overrides, warmup, iters) -> dict:
 def measure_eval(env, config, overrides, hw) -> list:
     """Evaluation memory of one image with sliding windows, batched or not."""
     from eglp_dist.config import load_config
-    from eglp_dist.dist.engine import autocast, autocast_dtype
-    from eglp_dist.dist.env import current_device
+    from eglp_dist.runtime.engine import autocast, autocast_dtype
+    from eglp_dist.runtime.env import current_device
     from eglp_dist.models import build_segmentor
 
     device = current_device(env)
@@ -215,7 +215,7 @@ def train_loop_worker(env, config, overrides, iters) -> dict:
 
 def measure_train_loop(out: Path, gpu: bool, n_ranks: int, skipped: list) -> list:
     from eglp_dist.demo import prepare_data
-    from eglp_dist.dist.spawn import run_ranks
+    from eglp_dist.runtime.spawn import run_ranks
 
     shards = prepare_data(out / "loop_data", n_train=8, n_val=4, size=(256, 128))
     config = str(PACKAGE_CONFIG_ROOT / "demo" / "tiny_eglp.yaml")
@@ -336,7 +336,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/gpu_check")
     p.add_argument("--dry-run", action="store_true", help="the CPU version even where GPUs are")
     a = p.parse_args(argv)
-    from eglp_dist.dist.spawn import run_ranks
+    from eglp_dist.runtime.spawn import run_ranks
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

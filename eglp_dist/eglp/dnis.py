@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from eglp_dist.data.labels import CLASSES
-from eglp_dist.dist import comm
+from eglp_dist.runtime import comm
 from eglp_dist.eglp.similarity import NUM_FEATURES, class_sums, pixel_features, stats_distance
 
 WIDTH = 1 + 2 * NUM_FEATURES  # count, sums, sums of squares

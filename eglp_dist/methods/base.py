@@ -4,7 +4,7 @@ A ``Method`` owns everything that learns or draws random numbers:
 
 * ``engines``: optimised models (DDP or DeepSpeed), checkpointed in their own format;
 * ``modules``: what changes during training beside them (EMA teachers; EGLP's memory bank),
-  each following the small :class:`~eglp_dist.dist.checkpoint.Stateful` protocol
+  each following the small :class:`~eglp_dist.runtime.checkpoint.Stateful` protocol
   (``state_dict``/``load_state_dict``, not necessarily an ``nn.Module``), checkpointed from
   rank 0 (identical on every rank);
 * ``generator``: the one ``torch.Generator`` behind every random choice the recipe makes
@@ -22,9 +22,9 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from eglp_dist.dist.checkpoint import Stateful
-from eglp_dist.dist.engine import Engine, build_engine
-from eglp_dist.dist.env import DistEnv
+from eglp_dist.runtime.checkpoint import Stateful
+from eglp_dist.runtime.engine import Engine, build_engine
+from eglp_dist.runtime.env import DistEnv
 from eglp_dist.models import build_segmentor
 
 _RANK_STRIDE = 1_000_003  # keeps per-rank generator seeds of nearby run seeds apart

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from eglp_dist.dist import comm
+from eglp_dist.runtime import comm
 from eglp_dist.eglp.dnis import DNIS, WIDTH, confident_labels
 from eglp_dist.eglp.fusion import (dms_weights, fis_classes, fuse_labels, mix_probabilities,
                                    prompt_class_masks)

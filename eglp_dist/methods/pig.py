@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-from eglp_dist.dist.ema import EMATeacher
+from eglp_dist.runtime.ema import EMATeacher
 from eglp_dist.eglp.fusion import fuse_labels, top_k_classes
 from eglp_dist.eglp.nfnet import dark_mix, uses_ams
 from eglp_dist.eglp.similarity import build_similarity

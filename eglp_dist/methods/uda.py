@@ -26,7 +26,7 @@ from typing import Any, Dict, Mapping, Optional
 
 import torch
 
-from eglp_dist.dist.ema import EMATeacher
+from eglp_dist.runtime.ema import EMATeacher
 from eglp_dist.errors import ConfigError
 from eglp_dist.methods.base import Method
 from eglp_dist.methods.classmix import class_masks, mix

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Sequence
 
 import torch.multiprocessing as mp
 
-from eglp_dist.dist.env import free_port
+from eglp_dist.runtime.env import free_port
 
 
 def launcher_environ(style: str, rank: int, world: int, port: int) -> Dict[str, str]:
@@ -47,7 +47,7 @@ def _entry(rank: int, fn: Callable, world: int, port: int, args: Sequence[Any], 
     import torch
 
     torch.set_num_threads(1)
-    from eglp_dist.dist.env import detect_env, exit_without_finalizers, init_distributed, shutdown
+    from eglp_dist.runtime.env import detect_env, exit_without_finalizers, init_distributed, shutdown
 
     env = detect_env(local_rank_arg=rank if style == "deepspeed" else None)
     init_distributed(env, backend=backend, timeout_s=120)

@@ -60,7 +60,7 @@ class EMATeacher:
         DAFormer's), so each rank's running statistics follow its own target batches; the
         loop calls this where it syncs the students' (before evaluation and checkpoint), so
         the checkpoint's "identical on every rank" holds for a BN network too."""
-        from eglp_dist.dist import comm
+        from eglp_dist.runtime import comm
 
         comm.broadcast_tensors(list(self.module.buffers()), src=0)
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from eglp_dist.atomic import torch_save_atomic
-from eglp_dist.dist import comm
+from eglp_dist.runtime import comm
 from eglp_dist.errors import DataError
 from eglp_dist.notices import warning
 

@@ -33,9 +33,9 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from eglp_dist.dist import comm
-from eglp_dist.dist.checkpoint import read_file
-from eglp_dist.dist.env import DistEnv
+from eglp_dist.runtime import comm
+from eglp_dist.runtime.checkpoint import read_file
+from eglp_dist.runtime.env import DistEnv
 from eglp_dist.errors import DataError
 from eglp_dist.optim import build_optimizer, build_scheduler
 
