@@ -85,16 +85,17 @@ def as_rank_lost(exc: BaseException, it: int, phase: str, dist_cfg, rank: int = 
 
 
 def launch_dir() -> Optional[Path]:
-    """The launch script's folder (:data:`LAUNCH_DIR_ENV`), or None (no script in front)."""
+    """The launch script's folder (:data:`LAUNCH_DIR_ENV`), or None (no script in front, or
+    its folder gone)."""
     value = os.environ.get(LAUNCH_DIR_ENV)
-    return Path(value) if value else None
+    return Path(value) if value and Path(value).is_dir() else None
 
 
 def stopped_for_launcher(message: str) -> int:
     """The exit code of a worker that stopped on request: with a launch script in front, the
     ``stopped`` mark and 0 (the script exits 75); alone (srun's tasks, a bare launcher), 75."""
     folder = launch_dir()
-    if folder is None or not folder.is_dir():
+    if folder is None:
         return EXIT_PREEMPTED
     (folder / "stopped").write_text(message + "\n")
     return 0
@@ -168,7 +169,7 @@ class ControlPoint:
         """Tell the launch script this pid may be signalled now, then take a request it got
         before (registration first: a request is either seen here or forwarded)."""
         folder = launch_dir()
-        if folder is None or not folder.is_dir():
+        if folder is None:
             return
         self._registered = folder / f"worker.{os.getpid()}"
         self._registered.touch()

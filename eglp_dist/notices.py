@@ -2,8 +2,9 @@
 
 ``warnings.warn`` from every rank prints the same text N times with a source line under it;
 a run-level observation (a setting that has no effect, a part that runs reduced) or warning
-(a damaged checkpoint passed over) is said once, by the launch's rank 0, as one line on stderr. Before the process group exists the
-rank comes from the launcher's environment (torchrun's RANK, SLURM's SLURM_PROCID).
+(a damaged checkpoint passed over) is said once, by the launch's rank 0, as one line on
+stderr. Before the process group exists the rank comes from the launcher's environment
+(torchrun's RANK, SLURM's SLURM_PROCID).
 """
 from __future__ import annotations
 

@@ -117,11 +117,11 @@ def train(cfg, local_rank: Optional[int] = None) -> Dict[str, Any]:
                                         seed=cfg.run.seed, device=device, name=name,
                                         ground_truth=name in method.ground_truth_streams)
                for name in method.streams}
-    # every target with shards, in config order (none: training without evaluation)
+    # every target with shards, in config order; none when evaluation is off
     check_evaluable(cfg)
     val_loaders = {name: build_eval_loader(target, cfg.data, env.rank, env.world_size, device,
                                            name=f"val.{name}")
-                   for name, target in cfg.data.val.items() if target.shards}
+                   for name, target in cfg.data.val.items() if target.shards and cfg.trainer.eval_interval > 0}
     seed_rank(cfg.run.seed, env.rank)
     # only once everything is built: a config that cannot start leaves no run folder
     with run_folder_lock(run_dir, env):

@@ -130,9 +130,7 @@ def test_a_rank_killed_under_torchrun_restarts_the_group_and_ends_bit_identical(
                 stdout=f, stderr=subprocess.STDOUT)
         deadline = time.time() + 300
         if kill_at:
-            while kill_at not in Path(log).read_text():
-                assert time.time() < deadline and launcher.poll() is None, Path(log).read_text()[-3000:]
-                time.sleep(0.2)
+            _wait_for(Path(log), kill_at, launcher, timeout=300)
             victims = _workers(launcher)
             assert len(victims) == 2
             victims[-1].send_signal(signal.SIGKILL)
