@@ -87,6 +87,61 @@ def test_uda_resume_is_exact_on_two_ranks(shards, tmp_path, engine):
     assert in_training["targets"]["acdc_night"]["IoU"] == from_checkpoint["IoU"]
 
 
+def _buffer_digests(env, config, overrides_):
+    """This rank's buffers (student engine and EMA teacher: batch-norm statistics) seen
+    before each sync, and at each checkpoint and evaluation, as (event, iteration, values)."""
+    import eglp_dist.train as T
+
+    seen, kept = [], {}
+
+    def values(method):
+        modules = [e.model for e in method.engines.values()]
+        modules += [m.module for m in method.modules.values() if isinstance(getattr(m, "module", None), torch.nn.Module)]
+        return torch.cat([b.double().flatten() for mod in modules for b in mod.buffers()])
+
+    def build(*args, **kwargs):
+        method = kept["method"] = build_method(*args, **kwargs)
+        sync = method.sync_buffers
+
+        def recorded_sync():
+            seen.append(("before sync", None, values(method)))
+            sync()
+        method.sync_buffers = recorded_sync
+        return method
+
+    def at(event, fn, it_arg):
+        def recorded(*args, **kwargs):
+            seen.append((event, args[it_arg], values(kept["method"])))
+            return fn(*args, **kwargs)
+        return recorded
+
+    build_method, save, evaluate = T.build_method, T.save_checkpoint, T.run_evaluation
+    T.build_method = build
+    T.save_checkpoint, T.run_evaluation = at("checkpoint", save, 1), at("evaluation", evaluate, 6)
+    try:
+        T.train(load_config(config, overrides_))
+    finally:
+        T.build_method, T.save_checkpoint, T.run_evaluation = build_method, save, evaluate
+    return seen
+
+
+def test_every_rank_checkpoints_and_evaluates_one_model(shards, tmp_path):
+    """DDP runs without buffer broadcasts: the ranks' batch-norm statistics (student and EMA
+    teacher) drift apart between syncs, and every checkpoint and evaluation sees rank 0's on
+    every rank (an evaluation without a checkpoint at iteration 3, both at 4)."""
+    args = overrides(shards, tmp_path, "trainer.max_iters=4", "trainer.ckpt_interval=2", "trainer.eval_interval=3",
+                     "schedule.warmup_iters=2")
+    rank0, rank1 = run_ranks(_buffer_digests, 2, args=(DEMO / "tiny_uda.yaml", args))
+    assert [e[:2] for e in rank0] == [e[:2] for e in rank1]
+    events = [e[:2] for e in rank0 if e[0] != "before sync"]
+    assert ("checkpoint", 2) in events and ("evaluation", 3) in events and ("checkpoint", 4) in events, events
+    drifted = [not torch.equal(a[2], b[2]) for a, b in zip(rank0, rank1) if a[0] == "before sync"]
+    assert any(drifted), "the ranks' statistics should differ before a sync (else this test shows nothing)"
+    for a, b in zip(rank0, rank1):
+        if a[0] != "before sync":
+            assert torch.equal(a[2], b[2]), a[:2]
+
+
 @pytest.mark.slow  # four 2-rank torchrun trainings: `make test-all` (what CI runs)
 def test_demo_end_to_end_through_torchrun(tmp_path):
     """`eglp demo` as a user runs it: synth + pack, stage 0 and four 2-rank torchrun launches

@@ -181,14 +181,14 @@ class Engine:
     def sync_buffers(self) -> None:
         """Rank 0's buffers (batch-norm running statistics) on every rank.
 
-        Buffers are not gradients: each rank updates its own in every training forward. DDP
-        overwrites them with rank 0's before each forward (``broadcast_buffers``), so after
-        the last forward the ranks differ by their own last update; DeepSpeed never syncs
-        them. Either way rank 0's statistics come from rank 0's batches only, and training
-        forwards use batch statistics, so the two engines train identically; what differs is
-        every other rank's copy. The loop calls this before every evaluation and checkpoint
-        (mmseg's DistEvalHook does the same, ``broadcast_bn_buffer=True``), so every rank
-        evaluates, and the checkpoint holds, one model."""
+        Buffers are not gradients: each rank updates its own in every training forward.
+        Neither engine syncs them during training (DDP runs with ``broadcast_buffers=False``,
+        DeepSpeed never broadcasts): training forwards use batch statistics, so another
+        rank's running statistics change nothing a step computes, and a broadcast per
+        forward would be 4 collectives per UDA step for nothing. What differs between ranks
+        is each one's copy, so the loop calls this before every evaluation and checkpoint
+        (mmseg's DistEvalHook does the same, ``broadcast_bn_buffer=True``): every rank
+        evaluates, and the checkpoint holds, one model (rank 0's)."""
         comm.broadcast_tensors([b for b in self.model.buffers()], src=0)
 
     # -- state ---------------------------------------------------------------------
@@ -283,7 +283,13 @@ class DDPEngine(Engine):
                 self.dispatcher,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 bucket_cap_mb=self.cfg.bucket_mb,
-                find_unused_parameters=self.cfg.find_unused_parameters)
+                find_unused_parameters=self.cfg.find_unused_parameters,
+                # No buffer broadcast before every forward (DDP's default: one broadcast per
+                # forward and dtype, 4 per UDA step with the EMA teacher's pair): training
+                # forwards use batch statistics, so rank 0's running statistics on the other
+                # ranks change nothing a step computes; sync_buffers() gives every rank rank 0's
+                # before each evaluation and checkpoint, as DeepSpeed's engine is treated.
+                broadcast_buffers=False)
         else:
             self.wrapper = self.dispatcher
 
