@@ -44,9 +44,9 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 bench: setup
-	$(RUN) $(PY) tools/bench_engine.py --ranks 2
-	$(RUN) $(PY) tools/bench_loader.py
-	$(RUN) $(PY) tools/bench_step.py --ranks 2
+	$(RUN) $(PY) tools/bench_engine.py --ranks 2 --json runs/bench/engine.json
+	$(RUN) $(PY) tools/bench_loader.py --json runs/bench/loader.json
+	$(RUN) $(PY) tools/bench_step.py --ranks 2 --memory --count-collectives --json runs/bench/step.json
 
 # The GPU path proven and measured (tools/gpu_check.py): on a GPU machine at paper size, in
 # under 5 minutes; elsewhere a tiny dry run of the same code paths that says what it skipped.

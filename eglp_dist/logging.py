@@ -136,19 +136,16 @@ class Monitor:
         check_same_keys(keys + [f"{c.name}:{t.numel()}" for c, t in zip(counters, counts)])
         values = {}
         if keys or counts:
-            # one float64 vector on the backend's device (some values are host counters, most
-            # are on the GPU: cat cannot mix devices, NCCL reduces CUDA tensors only; float64
-            # keeps pixel counts exact beyond 2**24)
-            device = comm.backend_device()
+            # one collective (comm.reduce_sums: one float64 message on the backend's device,
+            # whatever device each value is on; float64 keeps pixel counts exact)
+            device = comm.backend_device()  # torch.stack cannot mix host and GPU values
             parts = [torch.stack([self._sums[k].reshape(()).to(device, torch.float64) for k in keys])] if keys else []
-            parts += [t.reshape(-1).to(device, torch.float64) for t in counts]
-            vec = comm.all_reduce_sum(torch.cat(parts))
-            n = len(keys)
-            values = dict(zip(keys, (vec[:n] / (comm.world_size() * max(self._steps, 1))).tolist()))
-            offset = n
-            for c, t in zip(counters, counts):
-                values.update(c.summarise(vec[offset:offset + t.numel()].view(t.shape).cpu()))
-                offset += t.numel()
+            reduced = comm.reduce_sums(parts + [t.reshape(-1) for t in counts])
+            if keys:
+                means = reduced.pop(0) / (comm.world_size() * max(self._steps, 1))
+                values = dict(zip(keys, means.tolist()))
+            for c, t, vec in zip(counters, counts, reduced):
+                values.update(c.summarise(vec.view(t.shape).cpu()))
         now = time.perf_counter()
         iters = it - self._since_it
         elapsed = max(now - self._since_t, 1e-9)

@@ -15,6 +15,7 @@ from eglp_dist.data.labels import CLASS_INDEX, CLASSES
 from eglp_dist.eglp.dnis import DNIS
 from eglp_dist.eglp.fusion import dms_weights, fis_classes, mix_probabilities, prompt_class_masks
 from eglp_dist.eglp.rcm import ClassConfidence, RareClassMemory
+from eglp_dist.runtime.parts import start_reduction
 
 EGLP = PACKAGE_CONFIG_ROOT / "demo" / "tiny_eglp.yaml"
 MEAN, STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
@@ -40,7 +41,8 @@ def test_dnis_ranks_the_synthetic_nights_classes_by_their_designed_change():
 
     day, night = synthetic("day", 0, 24), synthetic("night", 1, 24)
     d = DNIS(19, MEAN, STD, momentum=0.9)
-    value = d.update(d.step_sums(day[0], day[1], [night])).numpy()
+    start_reduction([(d, d.local_sums(day[0], day[1], [night]))]).finish()
+    value = d.value().numpy()
     seen = d.seen().numpy()
     change = synth.night_change()
     idx = np.flatnonzero(seen)
@@ -52,32 +54,42 @@ def test_dnis_ranks_the_synthetic_nights_classes_by_their_designed_change():
     assert {"sky", "building"} <= set(order[:3]) and order[-1] == "road"
 
 
-def _dnis_split(env, day, night):
+def _statistics_split(env, day, night):
+    """DNIS and RCM's confidences fed as EGLP feeds them: both parts' local sums in one
+    collective per step (runtime.parts), each rank its own half of the same samples."""
     d = DNIS(19, MEAN, STD, momentum=0.5)
-    lo, hi = env.rank * 2, env.rank * 2 + 2  # each rank its own half of the same samples
+    conf = ClassConfidence([13, 6], 19, momentum=0.5)
+    lo, hi = env.rank * 2, env.rank * 2 + 2
     for step in range(2):
         sl = slice(lo + 4 * step, hi + 4 * step) if env.world_size == 2 else slice(4 * step, 4 * step + 4)
-        d.update(d.step_sums(day[0][sl], day[1][sl], [(night[0][sl], night[1][sl])]))
-    return d.sums.clone(), d.value()
+        prob = torch.softmax(night[0][sl].mean(1, keepdim=True).expand(-1, 19, -1, -1) * torch.arange(19.).view(1, -1, 1, 1), 1)
+        pending = start_reduction([(d, d.local_sums(day[0][sl], day[1][sl], [(night[0][sl], night[1][sl])])),
+                                   (conf, conf.local_sums(*prob.max(1)))])
+        pending.finish()
+    return d.sums.clone(), d.value(), conf.conf.clone()
 
 
-def test_dnis_on_two_ranks_equals_one_rank_over_the_same_samples():
+def test_dnis_and_rcm_statistics_on_two_ranks_equal_one_rank_over_the_same_samples():
     day, night = synthetic("day", 3, 8, (128, 64)), synthetic("night", 4, 8, (128, 64))
-    (one_sums, one_value), = run_ranks(_dnis_split, 1, args=(day, night))
-    two = run_ranks(_dnis_split, 2, args=(day, night))
-    for sums, value in two:
+    (one_sums, one_value, one_conf), = run_ranks(_statistics_split, 1, args=(day, night))
+    two = run_ranks(_statistics_split, 2, args=(day, night))
+    assert one_conf[1].sum() == 4 * 64 * 128 * (0.5 + 1)  # EMA (momentum 0.5) of 2 steps of 4 images: every pixel
+    for sums, value, conf in two:
         torch.testing.assert_close(sums, one_sums, rtol=1e-12, atol=1e-9)
         torch.testing.assert_close(value, one_value, rtol=1e-6, atol=1e-7)
-    assert torch.equal(two[0][0], two[1][0])  # identical on every rank
+        torch.testing.assert_close(conf, one_conf, rtol=1e-12, atol=1e-9)
+    assert torch.equal(two[0][0], two[1][0]) and torch.equal(two[0][2], two[1][2])  # identical on every rank
 
 
 def test_a_class_absent_from_a_step_keeps_its_dnis_and_unseen_classes_are_marked():
     day, night = synthetic("day", 0, 4, (128, 64)), synthetic("night", 1, 4, (128, 64))
     d = DNIS(19, MEAN, STD, momentum=0.9)
-    before = d.update(d.step_sums(day[0], day[1], [night]))
+    start_reduction([(d, d.local_sums(day[0], day[1], [night]))]).finish()
+    before = d.value()
     sky = CLASS_INDEX["sky"]
     no_sky = [torch.where(s == sky, torch.full_like(s, 255), s) for s in (day[1], night[1])]
-    after = d.update(d.step_sums(day[0], no_sky[0], [(night[0], no_sky[1])]))
+    start_reduction([(d, d.local_sums(day[0], no_sky[0], [(night[0], no_sky[1])]))]).finish()
+    after = d.value()
     torch.testing.assert_close(after[sky], before[sky], rtol=1e-6, atol=0)
     never = (d.sums[..., 0] == 0).any(0)
     assert never.any() and (after[never] == 1).all() and not d.seen()[never].any()
@@ -147,10 +159,10 @@ def test_rcm_never_exceeds_capacity_and_pasted_pixels_carry_their_class_with_wei
 
 
 def test_rcm_lowers_the_threshold_of_rare_classes_only():
-    bank = ClassConfidence([13], num_classes=19)
+    bank = ClassConfidence([13], num_classes=19, momentum=0.0)
     label = torch.tensor([[13, 13, 0, 0]])
     prob = torch.tensor([[0.6, 0.8, 0.5, 0.5]])
-    bank.update_confidence(bank.confidence_sums(prob, label), momentum=0.0)
+    start_reduction([(bank, bank.local_sums(prob, label))]).finish()
     thr = bank.thresholds(0.968)
     assert thr[13] == pytest.approx(0.7) and thr[0] == pytest.approx(0.968) and thr[1] == pytest.approx(0.968)
 

@@ -185,7 +185,7 @@ def _batch_norm_run(env, kind):
 
 def test_batch_norm_buffers_are_one_model_after_sync_and_equal_under_ddp_and_zero():
     """Ranks' running statistics drift apart during training (neither engine broadcasts
-    them: DDP is built with broadcast_buffers=False); sync_buffers() (before eval/checkpoint) leaves every rank
+    them: DDP is built without its forward buffer sync); sync_buffers() (before eval/checkpoint) leaves every rank
     with rank 0's, which are the same under DDP and ZeRO-2."""
     ddp = run_ranks(_batch_norm_run, 2, args=("ddp",))
     zero = run_ranks(_batch_norm_run, 2, args=("zero2",))

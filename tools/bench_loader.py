@@ -12,10 +12,13 @@
 (b) ``pil``: our TrainStream, PIL back-end (shards, PIL threads).
 (c) ``dali``: our TrainStream, DALI backend (``mixed`` decode on a GPU, ``cpu`` here).
 
-Each loader runs in its own subprocess (no shared warm caches or threads); after warm-up
-batches, a fixed number of batches is timed. CPU time is that of the process and all its
-children (DataLoader workers included), so CPU-s/image is comparable across designs. Nothing
-here asserts a speed: the table is the result.
+Each timing runs in its own subprocess (no shared warm caches or threads); after warm-up
+batches, a fixed number of batches is timed. The loaders take turns: ``--repeats`` rounds,
+each running every loader once, the order rotating (``eglp_dist.benchmarking``), so a change
+of machine load between rounds hits every loader alike; the table gives each loader's median
+[min-max] over the rounds and the median of the **paired** per-round ratios to (a). CPU time
+is that of the process and all its children (DataLoader workers included), so CPU-s/image is
+comparable across designs. Nothing here asserts a speed: the table is the result.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, default=40, help="timed batches per loader")
     p.add_argument("--warmup", type=int, default=5, help="untimed batches first")
     p.add_argument("--loaders", nargs="+", default=list(LOADERS), choices=LOADERS)
+    p.add_argument("--repeats", type=int, default=3, help="rounds of every loader, order rotating")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one loader
     return p.parse_args(argv)
@@ -187,21 +191,30 @@ def prepare(args) -> None:
     stamp.write_text(json.dumps(want))
 
 
-def table(results, args) -> str:
-    base = next((r for r in results if r["loader"] == "folder"), None)
+def table(results, args, load) -> str:
+    """``results``: loader -> one dict per round (rounds in the same order for every loader)."""
+    from eglp_dist import benchmarking as B
+
     names = {"folder": "(a) DataLoader, PNG folders, PIL", "pil": "(b) eglp pil (shards, PIL threads)",
              "dali": "(c) eglp DALI (cpu decode)"}
+    base = results.get("folder")
     lines = [f"{args.n} synthetic Cityscapes images {args.size[0]}x{args.size[1]}, "
              f"img_scale {tuple(args.img_scale)}, ratio {tuple(args.ratio_range)}, crop "
              f"{args.crop[0]}x{args.crop[1]}, batch {args.batch_size}, {args.threads} threads/workers, "
-             f"{args.batches} timed batches",
-             "| loader | images/s | CPU-s / image | images/s vs (a) | CPU-s vs (a) |",
+             f"{args.batches} timed batches; {args.repeats} rounds, order rotating; load average (1 min) "
+             f"{load[0]} at start, {load[1]} at end",
+             "| loader | images/s [min-max] | CPU-s / image | images/s vs (a), paired | CPU-s vs (a), paired |",
              "|---|---:|---:|---:|---:|"]
-    for r in results:
-        rel = (f"{r['images_per_s'] / base['images_per_s']:.2f}x",
-               f"{r['cpu_s_per_image'] / base['cpu_s_per_image']:.2f}x") if base else ("-", "-")
-        lines.append(f"| {names[r['loader']]} | {r['images_per_s']:.1f} | "
-                     f"{r['cpu_s_per_image']:.4f} | {rel[0]} | {rel[1]} |")
+    for name, runs in results.items():
+        rate = B.spread([r["images_per_s"] for r in runs])
+        cpu = B.spread([r["cpu_s_per_image"] for r in runs])
+        if base:
+            speed = B.spread([r["images_per_s"] / b["images_per_s"] for r, b in zip(runs, base)])
+            cost = B.spread([r["cpu_s_per_image"] / b["cpu_s_per_image"] for r, b in zip(runs, base)])
+            rel = f"{B.format_spread(speed, 2)}x", f"{B.format_spread(cost, 2)}x"
+        else:
+            rel = "-", "-"
+        lines.append(f"| {names[name]} | {B.format_spread(rate, 1)} | {cpu['median']:.4f} | {rel[0]} | {rel[1]} |")
     return "\n".join(lines)
 
 
@@ -210,20 +223,24 @@ def main(argv=None) -> int:
     if args.one:
         print(json.dumps(run_one(args)))
         return 0
-    import eglp_dist  # noqa: F401
+    from eglp_dist import benchmarking as B
 
     prepare(args)
-    results = []
+    results = {name: [] for name in args.loaders}
     base_argv = [a for a in (argv if argv is not None else sys.argv[1:])]
-    for name in args.loaders:
-        cmd = [sys.executable, str(Path(__file__).resolve())] + base_argv + ["--one", name]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"{name}: {results[-1]['images_per_s']:.1f} images/s", file=sys.stderr)
-    print(table(results, args))
+    load = [B.load_average()]
+    for r in range(args.repeats):
+        for name in B.rotated(args.loaders, r):
+            cmd = [sys.executable, str(Path(__file__).resolve())] + base_argv + ["--one", name]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
+            results[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"round {r}: {name}: {results[name][-1]['images_per_s']:.1f} images/s", file=sys.stderr)
+    load.append(B.load_average())
+    print(table(results, args, load))
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"args": vars(args), "load": load, "results": results}, indent=1))
     return 0
 
 

@@ -9,10 +9,11 @@ weights follow it) but publishes no formula; this is ours, built to the house ru
   features of :func:`~eglp_dist.eglp.similarity.pixel_features` (log-intensity R, G, B and
   their Sobel gradient magnitude).
 * **Kept as sums**: per side and class, [count, sum, sum of squares] of each feature, in
-  float64. One step's sums of both sides are packed into one flat tensor and all-reduced
-  (SUM) once, so N ranks see exactly the sums one rank would over the union of their samples.
+  float64. One step's sums of both sides (``local_sums``) go into the step's one all-reduce
+  (SUM, with RCM's: ``runtime.parts``) and come back through ``absorb``, so N ranks see
+  exactly the sums one rank would over the union of their samples.
 * **Smoothed over steps** by an exponential moving average *of the sums* (momentum m):
-  ``S <- m * S + step_sums``. A class with no pixels in a step is only scaled by m, which
+  ``S <- m * S + local sums``. A class with no pixels in a step is only scaled by m, which
   leaves its mean and standard deviation, hence its DNIS, exactly as they were: "keeps its
   last value" falls out of the arithmetic. A class never seen on a side is marked unseen and
   has DNIS 1 (no evidence of a change: the UDA teacher keeps it).
@@ -30,13 +31,14 @@ import torch
 from torch import Tensor
 
 from eglp_dist.data.labels import CLASSES
-from eglp_dist.runtime import comm
 from eglp_dist.eglp.similarity import NUM_FEATURES, class_sums, pixel_features, stats_distance
 
 WIDTH = 1 + 2 * NUM_FEATURES  # count, sums, sums of squares
 
 
 class DNIS:
+    run_wide = True  # every rank absorbs the same reduced sums (runtime.parts)
+
     def __init__(self, num_classes: int, mean, std, momentum: float = 0.99, temperature: float = 0.5,
                  min_confidence: float = 0.968, device="cpu"):
         self.k, self.mean, self.std = num_classes, list(mean), list(std)
@@ -49,24 +51,18 @@ class DNIS:
         """(K, WIDTH) sums over a batch of images with per-pixel labels (255 = not counted)."""
         return class_sums(pixel_features(images, self.mean, self.std), labels, self.k).sum(0)
 
-    def step_sums(self, day_img: Tensor, day_seg: Tensor, night: list) -> Tensor:
+    def local_sums(self, day_img: Tensor, day_seg: Tensor, night: list) -> Tensor:
         """(2, K, WIDTH) sums of this rank's step: source pixels by ground truth, and each
-        (images, labels) pair of ``night`` (prompt GT; confident target pseudo-labels)."""
+        (images, labels) pair of ``night`` (prompt GT; confident target pseudo-labels).
+        Reduced across ranks with the step's other statistics (``runtime.parts``)."""
         day = self.side_sums(day_img, day_seg)
         nights = torch.zeros_like(day)
         for img, seg in night:
             nights = nights + self.side_sums(img, seg)
         return torch.stack([day, nights])
 
-    def update(self, step_sums: Tensor) -> Tensor:
-        """Collective: all-reduce this step's sums (one SUM), fold them into the running sums,
-        return the DNIS per class. Every rank must call it every step, with or without data.
-        (EGLP reduces these sums together with RCM's in one collective and calls ``fold``.)"""
-        self.fold(comm.all_reduce_sum(step_sums.reshape(-1).to(self.sums)))
-        return self.value()
-
-    def fold(self, reduced: Tensor) -> None:
-        """Running sums <- momentum * running sums + this step's (already reduced) sums."""
+    def absorb(self, reduced: Tensor) -> None:
+        """Running sums <- momentum * running sums + this step's sums over all ranks."""
         self.sums.mul_(self.momentum).add_(reduced.view_as(self.sums).to(self.sums))
 
     # -- derived ---------------------------------------------------------------------------

@@ -48,7 +48,10 @@ def label_counts(segs: Tensor) -> Tensor:
 class RareClassMemory:
     """The bank's images and masks live on the training device; its bookkeeping (ring
     positions, fill counts, day/night flags) on the host, so that choosing, storing and
-    pasting never wait for the GPU: every index is a host integer or a device tensor."""
+    pasting never wait for the GPU: every index is a host integer or a device tensor.
+    Per-rank state (each rank stores its own batches' patches): saved per rank."""
+
+    run_wide = False
 
     def __init__(self, classes: Sequence[int], capacity: int, patch: int, min_pixels: int,
                  num_classes: int, device="cpu"):
@@ -161,12 +164,14 @@ class ClassConfidence:
     sums reduced across ranks every step: identical on every rank, so run-wide state (saved
     once by rank 0 and loaded by every rank, also by a rank a checkpoint did not have)."""
 
-    def __init__(self, classes: Sequence[int], num_classes: int, device="cpu"):
+    run_wide = True
+
+    def __init__(self, classes: Sequence[int], num_classes: int, momentum: float = 0.99, device="cpu"):
         self.classes = [int(c) for c in classes]
-        self.k = num_classes
+        self.k, self.momentum = num_classes, momentum
         self.conf = torch.zeros(2, num_classes, dtype=torch.float64, device=device)
 
-    def confidence_sums(self, prob_max: Tensor, label: Tensor) -> Tensor:
+    def local_sums(self, prob_max: Tensor, label: Tensor) -> Tensor:
         """(2, K) this step's [sum of max prob, count] per predicted class (to be reduced)."""
         lab = label.reshape(-1)
         out = torch.zeros(2, self.k, dtype=torch.float64, device=label.device)
@@ -174,8 +179,9 @@ class ClassConfidence:
         out[1].scatter_add_(0, lab, torch.ones_like(lab, dtype=torch.float64))
         return out
 
-    def update_confidence(self, reduced: Tensor, momentum: float) -> None:
-        self.conf.mul_(momentum).add_(reduced.to(self.conf))
+    def absorb(self, reduced: Tensor) -> None:
+        """EMA of the sums over all ranks (``runtime.parts``)."""
+        self.conf.mul_(self.momentum).add_(reduced.view_as(self.conf).to(self.conf))
 
     def thresholds(self, threshold: float) -> Tensor:
         """(K,) per-class thresholds: the global one, lowered for rare classes to the teacher's

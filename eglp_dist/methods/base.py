@@ -3,10 +3,11 @@
 A ``Method`` owns everything that learns or draws random numbers:
 
 * ``engines``: optimised models (DDP or DeepSpeed), checkpointed in their own format;
-* ``modules``: what changes during training beside them (EMA teachers; EGLP's memory bank),
-  each following the small :class:`~eglp_dist.runtime.checkpoint.Stateful` protocol
-  (``state_dict``/``load_state_dict``, not necessarily an ``nn.Module``), checkpointed from
-  rank 0 (identical on every rank);
+* parts: what changes during training beside them (EMA teachers, DNIS, RCM), each
+  :class:`~eglp_dist.runtime.checkpoint.Stateful` and registered with ``add_part``; its type
+  says where it is saved (``runtime.parts``): ``modules`` hold the run-wide ones (identical on
+  every rank, checkpointed once from rank 0), ``rank_parts`` the per-rank ones (saved by
+  every rank in ``state_dict``);
 * ``generator``: the one ``torch.Generator`` behind every random choice the recipe makes
   (ClassMix classes, jitter, blur, HRDA detail boxes, MIC masks), seeded per rank and saved
   per rank, so a resumed run draws exactly what the uninterrupted one would have drawn.
@@ -25,6 +26,7 @@ from torch import nn
 from eglp_dist.runtime.checkpoint import Stateful
 from eglp_dist.runtime.engine import Engine, build_engine
 from eglp_dist.runtime.env import DistEnv
+from eglp_dist.runtime.parts import is_run_wide
 from eglp_dist.models import build_segmentor
 
 _RANK_STRIDE = 1_000_003  # keeps per-rank generator seeds of nearby run seeds apart
@@ -45,7 +47,8 @@ class Method:
     def __init__(self, cfg, env: DistEnv, device: torch.device):
         self.cfg, self.env, self.device = cfg, env, device
         self.engines: Dict[str, Engine] = {}
-        self.modules: Dict[str, Stateful] = {}
+        self.modules: Dict[str, Stateful] = {}  # run-wide parts
+        self.rank_parts: Dict[str, Stateful] = {}  # per-rank parts
         self.generator = torch.Generator().manual_seed(method_seed(cfg.run.seed, env.rank))
         self.mean = list(cfg.data.mean)
         self.std = list(cfg.data.std)
@@ -67,6 +70,11 @@ class Method:
                               engine_cfg if engine_cfg is not None else self.cfg.engine, self.env, self.device)
         self.engines[name] = engine
         return engine
+
+    def add_part(self, name: str, part: Stateful) -> Stateful:
+        """Register a part that changes during training; saved by its ``run_wide`` type."""
+        (self.modules if is_run_wide(part, name) else self.rank_parts)[name] = part
+        return part
 
     # -- the loop's interface ------------------------------------------------------------
     def step(self, batches: Mapping[str, Dict[str, Any]], it: int) -> Dict[str, torch.Tensor]:
@@ -98,11 +106,14 @@ class Method:
         return {f"{name}/{i}": lr for name, eng in self.engines.items() for i, lr in enumerate(eng.lrs())}
 
     def state_dict(self) -> Dict[str, Any]:
-        """Per-rank state (saved by every rank)."""
-        return {"generator": self.generator.get_state()}
+        """Per-rank state (saved by every rank): the generator and the per-rank parts."""
+        return {"generator": self.generator.get_state(),
+                **{name: part.state_dict() for name, part in self.rank_parts.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.generator.set_state(state["generator"])
+        for name, part in self.rank_parts.items():
+            part.load_state_dict(state[name])
 
     def reseed(self, step: int) -> None:
         """A rank resumed without a saved state of its own (the run now has more ranks): its

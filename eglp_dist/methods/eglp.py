@@ -8,7 +8,8 @@ changes or adds, every other one inherited:
 
 * ``pseudo_label_step``: both teachers' class probabilities on the target crop; this step's
   DNIS sums (source by GT; prompt by GT and confident target pixels) and RCM's confidence
-  sums are packed into **one** flat tensor and all-reduced (SUM) once, before fusion. Then,
+  sums go into **one** all-reduce (SUM, ``runtime.parts``), started after the UDA teacher's
+  forward and waited for after NFNet's, before fusion. Then,
   as the EGLP README reads them, stages of one pipeline: **DMS** (``method.eglp.dms``) mixes
   the two teachers' probabilities class by class with weights falling with DNIS -> label and
   confidence weight; **FIS** (``method.eglp.fis``) then gives the lowest-DNIS classes NFNet's
@@ -28,8 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from eglp_dist.runtime import comm
-from eglp_dist.eglp.dnis import DNIS, WIDTH, confident_labels
+from eglp_dist.eglp.dnis import DNIS, confident_labels
 from eglp_dist.eglp.fusion import (dms_weights, fis_classes, fuse_labels, mix_probabilities,
                                    prompt_class_masks)
 from eglp_dist.eglp.rcm import ClassConfidence, RareClassMemory, rare_pixel_weights
@@ -40,6 +40,7 @@ from eglp_dist.eglp.similarity import moments
 from eglp_dist.methods.pig import PIG
 from eglp_dist.methods.pseudo_label import labels_from_probs, margin_mask
 from eglp_dist.methods.uda import StepState, require_paired_streams
+from eglp_dist.runtime.parts import PendingStatistics, start_reduction
 
 
 class EGLP(PIG):
@@ -54,16 +55,16 @@ class EGLP(PIG):
         self.dnis = DNIS(k, self.mean, self.std, e.dnis.momentum, e.dnis.temperature,
                          e.dnis.min_confidence, device) if e.dnis.enabled else None
         if self.dnis is not None:
-            self.modules["dnis"] = self.dnis  # reduced: identical on every rank
+            self.add_part("dnis", self.dnis)
         self.rcm = self.rcm_conf = None
         if e.rcm.enabled:
             crop = min(cfg.data.target.crop_size or [e.rcm.patch])
             if e.rcm.patch > crop:
                 raise ConfigError(f"method.eglp.rcm.patch: {e.rcm.patch} px patches do not fit "
                                   f"{crop} px crops")
-            self.rcm = RareClassMemory(e.rcm.classes, e.rcm.capacity, e.rcm.patch, e.rcm.min_pixels, k, device)
-            self.rcm_conf = ClassConfidence(e.rcm.classes, k, device)
-            self.modules["rcm_confidence"] = self.rcm_conf  # reduced: run-wide state
+            self.rcm = self.add_part("rcm", RareClassMemory(e.rcm.classes, e.rcm.capacity, e.rcm.patch,
+                                                            e.rcm.min_pixels, k, device))
+            self.rcm_conf = self.add_part("rcm_confidence", ClassConfidence(e.rcm.classes, k, e.rcm.momentum, device))
             self.rare = class_mask(list(e.rcm.classes), k, device)
         if e.dms.enabled and not cfg.method.nfnet.enabled:
             notice("method.nfnet.enabled=false: DMS keeps only its prompt paste (there is no second "
@@ -76,40 +77,37 @@ class EGLP(PIG):
         return ("teacher",) + (("nfnet",) if n else ()) + (("dms",) if dms else ()) + ("fused", "final")
 
     # -- statistics of the step: one collective ---------------------------------------------------
-    def reduce_statistics(self, s: StepState, p_uda: torch.Tensor) -> None:
-        """DNIS and RCM sums of this rank's step -> one all_reduce(SUM) -> folded in."""
+    def start_statistics(self, s: StepState, p_uda: torch.Tensor) -> PendingStatistics:
+        """This rank's DNIS and RCM sums of the step into the step's one all-reduce (SUM),
+        started now and finished where DMS needs them (after NFNet's forward, which they do
+        not depend on: the wait for the other ranks hides behind it)."""
         src, tgt, prompt = s.batches["source"], s.batches["target"], s.batches["prompt"]
-        k = self.cfg.model.num_classes
         prob_max, label = p_uda.max(1)
         parts = []
         if self.dnis is not None:
             night = [(prompt["img"], prompt["seg"]),
                      (tgt["img"], confident_labels(label, prob_max, self.dnis.min_confidence))]
-            parts.append(self.dnis.step_sums(src["img"], src["seg"], night).reshape(-1))
+            parts.append((self.dnis, self.dnis.local_sums(src["img"], src["seg"], night)))
         if self.rcm_conf is not None:
-            parts.append(self.rcm_conf.confidence_sums(prob_max, label).reshape(-1))
-        if not parts:
-            return
-        flat = comm.all_reduce_sum(torch.cat([p.double() for p in parts]))  # the one collective
-        if self.dnis is not None:
-            n = 2 * k * WIDTH
-            self.dnis.fold(flat[:n])
-            flat = flat[n:]
-        if self.rcm_conf is not None:
-            self.rcm_conf.update_confidence(flat.view(2, k), self.cfg.method.eglp.rcm.momentum)
+            parts.append((self.rcm_conf, self.rcm_conf.local_sums(prob_max, label)))
+        return start_reduction(parts)
 
     # -- phases ----------------------------------------------------------------------------------
     def pseudo_label_step(self, s: StepState) -> None:
         e, p = self.cfg.method.eglp, self.cfg.method.pseudo
         tgt = s.batches["target"]
         p_uda = torch.softmax(self.teacher_logits(self.teacher, self.student, tgt["img"]).float(), 1)
-        self.reduce_statistics(s, p_uda)
+        statistics = self.start_statistics(s, p_uda)
+        p_night = None
+        if self.nfnet is not None:
+            p_night = torch.softmax(self.teacher_logits(self.nfnet_teacher, self.nfnet, tgt["img"]).float(), 1)
         margins = (p.ignore_top, p.ignore_bottom, p.ignore_left, p.ignore_right)
         uda_label, uda_weight, confidence = labels_from_probs(p_uda, p.threshold, *margins)
         self.observe(s, "teacher", uda_label, uda_weight)
         s.plabel, s.pweight = uda_label, uda_weight
         zero = torch.zeros((), device=p_uda.device)
         s.logs.update({"fusion.replaced": zero, "dms.mean_weight": zero})
+        statistics.finish()
         dnis = seen = None
         if self.dnis is not None:
             dnis, seen = self.dnis.value(), self.dnis.seen()
@@ -119,8 +117,7 @@ class EGLP(PIG):
             s.extra["dms_weights"] = w
             s.logs["dms.mean_weight"] = w.mean()
         probs = p_uda
-        if self.nfnet is not None:
-            p_night = torch.softmax(self.teacher_logits(self.nfnet_teacher, self.nfnet, tgt["img"]).float(), 1)
+        if p_night is not None:
             night = p_night.argmax(1)
             if dnis is None:  # PIG's fusion by image similarity (the ablation without DNIS)
                 if self.similarity is not None:
@@ -199,20 +196,6 @@ class EGLP(PIG):
         seen = self.dnis.seen().unsqueeze(1)
         avg = (shift * seen).sum(0) / seen.sum().clamp(min=1)
         return torch.where(seen, shift, avg.expand_as(shift))
-
-    # -- per-rank state: the memory bank (its confidences are run-wide: ``modules``) ----------------
-    def state_dict(self):
-        state = super().state_dict()
-        if self.rcm is not None:
-            state["rcm"] = self.rcm.state_dict()
-        return state
-
-    def load_state_dict(self, state) -> None:
-        super().load_state_dict(state)
-        if self.rcm is not None:
-            self.rcm.load_state_dict(state["rcm"])
-
-
 
 def check_eglp_parts(cfg) -> None:
     """One rule for EGLP's parts, whichever are on: what each needs, named by its keys."""

@@ -63,7 +63,7 @@ class PIG(UDA):
                                          derived_node(cfg.schedule, n.schedule, "method.nfnet.schedule"),
                                          derived_node(cfg.engine, n.engine, "method.nfnet.engine"))
             self.nfnet_teacher = EMATeacher(self.nfnet.model, cfg.method.teacher.alpha)
-            self.modules["nfnet_teacher"] = self.nfnet_teacher
+            self.add_part("nfnet_teacher", self.nfnet_teacher)
         self.similarity = build_similarity(f, self.mean, self.std, cfg.model.num_classes, device) \
             if f.enabled else None
 

@@ -45,7 +45,7 @@ class UDA(Method):
         if cfg.method.mix.enabled:
             require_paired_streams(cfg.data, "source", "target", "method.mix", "ClassMix pairs source and target images")
         self.teacher = EMATeacher(self.student.model, cfg.method.teacher.alpha)
-        self.modules["teacher"] = self.teacher
+        self.add_part("teacher", self.teacher)
         self.pseudo_iou = build_pseudo_iou(cfg, self.pseudo_label_sources(cfg), device)
         if self.pseudo_iou is not None:
             self.ground_truth_streams = ("target",)

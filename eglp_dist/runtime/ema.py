@@ -27,6 +27,8 @@ def ema_alpha(step: int, alpha_max: float) -> float:
 
 
 class EMATeacher:
+    run_wide = True  # tracks the replicated student: identical on every rank, saved once
+
     def __init__(self, student: nn.Module, alpha: float = 0.999):
         self.alpha = alpha
         self.module = copy.deepcopy(student)

@@ -22,6 +22,7 @@ accumulation boundary, several ``backward()`` per boundary allowed).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import re
 import warnings
@@ -182,7 +183,7 @@ class Engine:
         """Rank 0's buffers (batch-norm running statistics) on every rank.
 
         Buffers are not gradients: each rank updates its own in every training forward.
-        Neither engine syncs them during training (DDP runs with ``broadcast_buffers=False``,
+        Neither engine syncs them during training (DDP runs without its forward buffer sync,
         DeepSpeed never broadcasts): training forwards use batch statistics, so another
         rank's running statistics change nothing a step computes, and a broadcast per
         forward would be 4 collectives per UDA step for nothing. What differs between ranks
@@ -269,6 +270,17 @@ class BackwardSync:
         return explicit
 
 
+# No buffer broadcast before every forward (DDP's default: one broadcast per forward and
+# dtype, 4 per UDA step): training forwards use batch statistics, so rank 0's running
+# statistics on the other ranks change nothing a step computes; sync_buffers() gives every
+# rank rank 0's before each evaluation and checkpoint, as with DeepSpeed. torch 2.13 names
+# the switch forward_sync_buffers (and deprecates broadcast_buffers); torch <= 2.12, the GPU
+# hosts' 2.11 among them, knows only broadcast_buffers.
+NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                          if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                          else {"broadcast_buffers": False})
+
+
 class DDPEngine(Engine):
     kind = "ddp"
 
@@ -284,12 +296,7 @@ class DDPEngine(Engine):
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 bucket_cap_mb=self.cfg.bucket_mb,
                 find_unused_parameters=self.cfg.find_unused_parameters,
-                # No buffer broadcast before every forward (DDP's default: one broadcast per
-                # forward and dtype, 4 per UDA step with the EMA teacher's pair): training
-                # forwards use batch statistics, so rank 0's running statistics on the other
-                # ranks change nothing a step computes; sync_buffers() gives every rank rank 0's
-                # before each evaluation and checkpoint, as DeepSpeed's engine is treated.
-                broadcast_buffers=False)
+                **NO_FORWARD_BUFFER_SYNC)
         else:
             self.wrapper = self.dispatcher
 
