@@ -48,11 +48,15 @@ def load_average() -> Optional[float]:
 
 def interleave(rows: Dict[str, Callable[[int], None]], warmup: int, rounds: int,
                sync: Callable[[], None] = lambda: None,
-               on_timed: Callable[[], None] = lambda: None) -> Dict[str, Dict[str, List[float]]]:
+               on_timed: Callable[[], None] = lambda: None,
+               align: Callable[[], None] = lambda: None) -> Dict[str, Dict[str, List[float]]]:
     """Call each row's ``fn(round)`` once per round, the order rotating; return per row the
     wall and CPU seconds of every timed round (``{"wall": [...], "cpu": [...]}``). ``sync``
     waits for queued device work (``torch.cuda.synchronize``) around each timed call;
-    ``on_timed`` is called once when the warm-up rounds are done (to reset side counters)."""
+    ``align`` runs untimed before each call (a barrier: every rank starts the call together,
+    so a multi-rank call's time is the slowest rank's, and the ranks' skew from earlier rows
+    is not charged to it); ``on_timed`` is called once when the warm-up rounds are done (to
+    reset side counters)."""
     names = list(rows)
     times = {n: {"wall": [], "cpu": []} for n in names}
     for r in range(warmup + rounds):
@@ -60,6 +64,7 @@ def interleave(rows: Dict[str, Callable[[int], None]], warmup: int, rounds: int,
             on_timed()
         for name in rotated(names, r):
             sync()
+            align()
             t0, c0 = time.perf_counter(), time.process_time()
             rows[name](r)
             sync()

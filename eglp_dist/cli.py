@@ -110,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mit_b0..mit_b5 (SegFormer MiT = timm pvt_v2 with MLP ratio 4; default: inferred "
                         "from the weights)")
 
-    p = sub.add_parser("bench", help="benchmarks: loader | step | engine")
-    p.add_argument("what", choices=["loader", "step", "engine"])
+    p = sub.add_parser("bench", help="benchmarks: loader | step | engine | project (paper-size cost)")
+    p.add_argument("what", choices=["loader", "step", "engine", "project"])
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of tools/bench_WHAT.py")
 
     p = sub.add_parser("ablate", help="method ablations on synthetic data: eglp (day->night, default) or spn (DG); tools/ablate.py")

@@ -61,13 +61,13 @@ def _work(env, width, depth, warmup, steps):
     def step(kind):
         def run(r):
             eng = engines[kind]
-            comm.barrier()  # a step starts together on every rank: the time is the slowest rank's
             eng.backward(eng.call("forward_train", *batches[r % 2]))
             eng.step()
-            comm.barrier()
+            comm.barrier()  # the step ends when the slowest rank's does
         return run
 
-    times = B.interleave({k: step(k) for k in KINDS}, warmup, steps)  # the first step allocates Adam's state
+    # each step starts together on every rank (the barrier is untimed)
+    times = B.interleave({k: step(k) for k in KINDS}, warmup, steps, align=comm.barrier)  # the first step allocates Adam's state
     summary = B.summarise(times, "ddp")
     return {"params": params, "load": [load_start, B.load_average()], "times": times,
             "rows": {k: dict(**engines[k].optimizer_state_bytes(), step=summary[k]) for k in KINDS}}

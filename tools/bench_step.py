@@ -18,6 +18,13 @@ loading is ``bench_loader.py``): synthetic street scenes rendered at the crop si
 labels hold the classes and areas of a street crop (not uniform noise that puts every rare
 class in every image; the loader's rare-class sampling is not applied).
 
+``--weak-scaling``: every row also built as a one-rank job (world of 1: no DDP wrapper,
+the runtime sees no process group, so no collective) and interleaved with the others in the
+same processes; the paired ratio N-rank step / one-rank step is the cost of running on N
+ranks with the per-rank batch unchanged: gradient reduction, the statistics reduction, and
+waiting for the slowest rank (on CPU both kinds of row run on all ranks at once, so they
+share the cores alike; DDP engines only).
+
 ``--memory``: each row's peak memory, measured in a fresh process group per row (one
 after another: memory does not depend on the machine's load) over 2 steps:
 ``torch.cuda.max_memory_allocated`` on GPU, the peak resident set (ru_maxrss, interpreter
@@ -119,7 +126,24 @@ def _timed_attribute(obj, name: str, sync, spent: list) -> None:
     setattr(obj, name, timed)
 
 
-def _work(env, config, variants, warmup, iters, count):
+def _alone(fn):
+    """``fn`` run as a one-rank job would run it: the runtime sees no process group, so the
+    step issues no collective (its engines, built for a world of 1, are not wrapped)."""
+    from eglp_dist.runtime import comm
+
+    def run(*args):
+        distributed = comm.is_distributed
+        comm.is_distributed = lambda: False
+        try:
+            return fn(*args)
+        finally:
+            comm.is_distributed = distributed
+    return run
+
+
+def _work(env, config, variants, warmup, iters, count, weak_scaling=False):
+    import dataclasses
+
     from eglp_dist.runtime import comm
     from eglp_dist.runtime.env import current_device
 
@@ -127,9 +151,19 @@ def _work(env, config, variants, warmup, iters, count):
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     load_start = B.load_average()
     rows, info, parts = {}, {}, {}
-    for name, overrides in variants:
-        cfg, method, batches = _build(env, config, overrides, device)
-        rows[name] = (lambda it, m=method, b=batches: _step(m, b, it))
+    alone = dataclasses.replace(env, world_size=1, local_world_size=1)
+    builds = [(name, overrides, env) for name, overrides in variants]
+    if weak_scaling:  # every row also as a one-rank job, in the same processes (see main)
+        builds += [(f"{name}@1", overrides, alone) for name, overrides in variants]
+    for name, overrides, build_env in builds:
+        cfg, method, batches = _build(build_env, config, overrides, device)
+        if build_env is alone and cfg.engine.kind != "ddp":
+            raise SystemExit("bench_step --weak-scaling: one-rank rows need engine.kind=ddp (DeepSpeed "
+                             f"always uses the whole process group), not {cfg.engine.kind}")
+
+        def step(it, m=method, b=batches):
+            _step(m, b, it)
+        rows[name] = _alone(step) if build_env is alone else step
         parts[name] = {"ranking": [], "reduce": []}
         _timed_attribute(method, "similarity", sync, parts[name]["ranking"])
         info[name] = {"params": sum(p.numel() for p in method.student.model.parameters()),
@@ -164,7 +198,7 @@ def _work(env, config, variants, warmup, iters, count):
 
     comm.PendingSums.wait = timed_wait
     try:
-        times = B.interleave({n: row(n) for n in rows}, warmup, iters, sync, on_timed=reset)
+        times = B.interleave({n: row(n) for n in rows}, warmup, iters, sync, on_timed=reset, align=comm.barrier)
     finally:
         comm.PendingSums.wait = wait
     out = {"times": times, "info": info, "load": [load_start, B.load_average()],
@@ -267,6 +301,8 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=16, help="timed rounds (each row once per round)")
     p.add_argument("--memory", action="store_true", help="each row's peak memory (fresh processes per row)")
     p.add_argument("--count-collectives", action="store_true")
+    p.add_argument("--weak-scaling", action="store_true",
+                   help="also run every row as a one-rank job in the same ranks and print the paired ratios")
     p.add_argument("--json", default=None, metavar="PATH", help="write the raw figures here")
     a = p.parse_args(argv)
     from eglp_dist.runtime.spawn import run_ranks
@@ -275,9 +311,16 @@ def main(argv=None) -> int:
     config = a.config or str(PACKAGE_CONFIG_ROOT / "demo" / f"{default_config}.yaml")
     variants = [(n, [*a.overrides, *extra]) for n, extra in variants]
     names, ref = [n for n, _ in variants], variants[0][0]
-    per_rank = run_ranks(_work, a.ranks, args=(config, variants, a.warmup, a.iters, a.count_collectives),
-                         backend="auto")
+    per_rank = run_ranks(_work, a.ranks, args=(config, variants, a.warmup, a.iters, a.count_collectives,
+                                               a.weak_scaling), backend="auto")
     _print_times(per_rank, names, ref, a.iters, a.warmup, config, a.ranks)
+    if a.weak_scaling:
+        print(f"weak scaling: {a.ranks}-rank step / the same row as a one-rank job (paired, per rank; same "
+              f"per-rank batch, both running on every rank at once):")
+        for name in names:
+            ratios = [B.spread([x / y for x, y in zip(r["times"][name]["wall"], r["times"][f"{name}@1"]["wall"])])
+                      for r in per_rank]
+            print(f"  {name:<12}" + ", ".join(B.format_spread(x, 3) for x in ratios))
     last = names[-1]
     if a.suite == "uda":
         print("ranking: share of the step in the class-similarity ranking (PIG's fusion); reduce: share of the "
