@@ -9,7 +9,7 @@ PIP_FLAGS ?= --disable-pip-version-check
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_SPEC := $(if $(HAS_GPU),torch==2.13.0,torch==2.13.0+cpu)
 
-.PHONY: setup demo test test-all bench gpu-check lint clean
+.PHONY: setup demo test test-all bench gpu-check gpu-kit lint clean
 
 setup: $(VENV)/.installed
 
@@ -52,6 +52,11 @@ bench: setup
 # under 5 minutes; elsewhere a tiny dry run of the same code paths that says what it skipped.
 gpu-check: setup
 	$(RUN) $(PY) tools/gpu_check.py --out runs/gpu_check
+
+# The wheels a bare GPU host needs (CPython 3.12, torch preinstalled, no registry) to run the
+# GPU check: build/gpu-kit/ here, then tools/gpu_run.sh there (docs/engine.md).
+gpu-kit: setup
+	$(RUN) $(PY) tools/gpu_kit.py --out build/gpu-kit
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -135,20 +135,8 @@ def _train_locked(cfg, env, device, method, streams, val_loaders, run_dir: Path)
     if env.is_main:
         record_attempt(run_dir, resolved_yaml(cfg))
     comm.barrier()
-
     control = ControlPoint(t.guard, device)
-    start = 0
-    if resume_from is not None:
-        state, rank_state = load_checkpoint(resume_from, method.engines, method.modules)
-        start = int(state["step"])
-        for name, stream in streams.items():
-            stream.load_state_dict(rank_state["streams"][name])
-        control.load_state_dict(state.get("control", {}))  # run-wide: decided alike on every rank
-        if rank_state.get("fresh"):  # a rank the checkpoint did not have (more ranks now)
-            seed_rank(cfg.run.seed, env.rank, start)
-            method.reseed(start)
-        else:
-            method.load_state_dict(rank_state["method"])
+    start, state = resume(resume_from, cfg, env, method, streams, control)
 
     def save(it: int) -> Path:
         with startup_timeout(cfg.dist):  # writing may take longer than a step
@@ -160,31 +148,13 @@ def _train_locked(cfg, env, device, method, streams, val_loaders, run_dir: Path)
                                     "method": method.state_dict()},
                                    keep_last=t.keep_last)
 
-    images_per_iter = sum(s.batch_size for s in streams.values())
-    monitor = Monitor(run_dir, env.is_main, start, t.max_iters, images_per_iter)
+    monitor = Monitor(run_dir, env.is_main, start, t.max_iters, sum(s.batch_size for s in streams.values()))
     monitor.write(f"run folder {run_dir} | {env.world_size} rank(s), {comm.backend()} on {device.type} | "
                   f"engine {cfg.engine.kind}, precision {autocast_dtype(cfg.engine.precision, device) or 'fp32'} "
                   f"| method {cfg.method.name} | iterations {start}..{t.max_iters}")
     if resume_from is not None:
-        monitor.write(f"resumed from {resume_from} at iteration {start}"
-                      + (" (run already complete)" if start >= t.max_iters else ""))
-        saved_iters = state.get("config", {}).get("trainer", {}).get("max_iters", t.max_iters)
-        if saved_iters != t.max_iters:
-            monitor.write(f"trainer.max_iters changed from {saved_iters} to {t.max_iters}: from iteration {start} on, "
-                          f"the lr schedule (poly decay to iteration {t.max_iters}) follows the new length; the run "
-                          f"differs from one planned for {t.max_iters} iterations from the start")
-        saved = saved_world_size(resume_from, state)
-        if saved != env.world_size:
-            monitor.write(f"the checkpoint was written by {saved} rank(s), this run has {env.world_size}: "
-                          f"ranks 0..{min(saved, env.world_size) - 1} continue their own data and random streams, "
-                          + (f"ranks {saved}..{env.world_size - 1} start new ones from (seed, rank, step) and an "
-                             f"empty per-rank method state (e.g. EGLP's rare-class memory); "
-                             if env.world_size > saved else f"the streams of ranks {env.world_size}..{saved - 1} end; ")
-                          + "run-wide state (EMA teachers, DNIS, RCM's class confidences) is the checkpoint's on every rank; "
-                          + "".join(f"engine {n!r}: ZeRO optimizer state re-partitioned from {saved} to "
-                                    f"{env.world_size} rank(s); " for n, e in method.engines.items()
-                                    if e.kind == "zero")
-                          + "the global batch and the batches themselves differ from the uninterrupted run")
+        for line in resume_report(resume_from, state, start, cfg, env, method):
+            monitor.write(line)
     last_eval: Dict[str, Any] = {}
     for engine in method.engines.values():
         engine.train()
@@ -200,19 +170,8 @@ def _train_locked(cfg, env, device, method, streams, val_loaders, run_dir: Path)
                     method.student.poison_next_backward = True
                 where["phase"] = "the step (its gradient all-reduce)"
                 logs = method.step(batches, it - 1)
-                # the control point: one flag reduction, the same decision on every rank
                 where["phase"] = "the control point's flag all-reduce"
-                decision = control.after_step(any(e.last_step_skipped for e in method.engines.values()))
-                if decision.skipped:
-                    monitor.write(f"iter {it}: non-finite loss or gradients, optimizer step skipped "
-                                  f"({control.bad_in_a_row} in a row, {control.bad_total} in all)")
-                logs["guard.skipped_steps"] = torch.tensor(float(control.bad_total))
-                monitor.accumulate(logs)
-                if decision.too_many_bad:
-                    path = save(it)  # the weights of the last good step (skipped steps changed none)
-                    raise TooManyBadSteps(
-                        f"{control.bad_in_a_row} non-finite steps in a row (trainer.guard.max_bad_steps="
-                        f"{t.guard.max_bad_steps}) at iteration {it}; the last good weights are in {path}")
+                decision = guard_step(control, method, monitor, logs, it, t, save)
                 if should(it, t.log_interval, t.max_iters):
                     monitor.flush(it, {f"lr/{k}": v for k, v in method.lrs().items()}, method.counters())
                 if it % t.image_interval == 0:
@@ -241,6 +200,64 @@ def _train_locked(cfg, env, device, method, streams, val_loaders, run_dir: Path)
             stream.close()
         monitor.close()
     return last_eval
+
+
+def resume(resume_from, cfg, env, method, streams, control) -> tuple:
+    """(iteration to start after, the checkpoint's run state): engines, parts, data streams
+    and the control point from ``resume_from``; (0, {}) for a fresh run. A rank the
+    checkpoint did not have starts its own streams and per-rank state from (seed, rank, step)."""
+    if resume_from is None:
+        return 0, {}
+    state, rank_state = load_checkpoint(resume_from, method.engines, method.modules)
+    start = int(state["step"])
+    for name, stream in streams.items():
+        stream.load_state_dict(rank_state["streams"][name])
+    control.load_state_dict(state.get("control", {}))  # run-wide: decided alike on every rank
+    if rank_state.get("fresh"):  # a rank the checkpoint did not have (more ranks now)
+        seed_rank(cfg.run.seed, env.rank, start)
+        method.reseed(start)
+    else:
+        method.load_state_dict(rank_state["method"])
+    return start, state
+
+
+def resume_report(resume_from, state, start: int, cfg, env, method) -> list:
+    """What a resume changed, in the log's words: the run length and the world size."""
+    t = cfg.trainer
+    lines = [f"resumed from {resume_from} at iteration {start}" + (" (run already complete)" if start >= t.max_iters else "")]
+    saved_iters = state.get("config", {}).get("trainer", {}).get("max_iters", t.max_iters)
+    if saved_iters != t.max_iters:
+        lines.append(f"trainer.max_iters changed from {saved_iters} to {t.max_iters}: from iteration {start} on, "
+                     f"the lr schedule (poly decay to iteration {t.max_iters}) follows the new length; the run "
+                     f"differs from one planned for {t.max_iters} iterations from the start")
+    saved = saved_world_size(resume_from, state)
+    if saved != env.world_size:
+        lines.append(f"the checkpoint was written by {saved} rank(s), this run has {env.world_size}: "
+                     f"ranks 0..{min(saved, env.world_size) - 1} continue their own data and random streams, "
+                     + (f"ranks {saved}..{env.world_size - 1} start new ones from (seed, rank, step) and an "
+                        f"empty per-rank method state (e.g. EGLP's rare-class memory); "
+                        if env.world_size > saved else f"the streams of ranks {env.world_size}..{saved - 1} end; ")
+                     + "run-wide state (EMA teachers, DNIS, RCM's class confidences) is the checkpoint's on every rank; "
+                     + "".join(f"engine {n!r}: ZeRO optimizer state re-partitioned from {saved} to "
+                               f"{env.world_size} rank(s); " for n, e in method.engines.items() if e.kind == "zero")
+                     + "the global batch and the batches themselves differ from the uninterrupted run")
+    return lines
+
+
+def guard_step(control, method, monitor, logs, it: int, t, save):
+    """The control point after a step: one flag reduction, the same decision on every rank
+    (a skipped step said in the log; too many in a row end the run with the last good weights)."""
+    decision = control.after_step(any(e.last_step_skipped for e in method.engines.values()))
+    if decision.skipped:
+        monitor.write(f"iter {it}: non-finite loss or gradients, optimizer step skipped "
+                      f"({control.bad_in_a_row} in a row, {control.bad_total} in all)")
+    logs["guard.skipped_steps"] = torch.tensor(float(control.bad_total))
+    monitor.accumulate(logs)
+    if decision.too_many_bad:
+        path = save(it)  # the weights of the last good step (skipped steps changed none)
+        raise TooManyBadSteps(f"{control.bad_in_a_row} non-finite steps in a row (trainer.guard.max_bad_steps="
+                              f"{t.guard.max_bad_steps}) at iteration {it}; the last good weights are in {path}")
+    return decision
 
 
 def run_evaluation(method, loaders, cfg, device, monitor: Monitor, run_dir: Path, it: int) -> Dict[str, Any]:

@@ -6,7 +6,10 @@
 On a machine with NVIDIA GPUs (meant to finish in under 5 minutes on one):
 
 * **decode**: packed JPEG shards of Cityscapes-sized synthetic images through the training
-  stream: DALI ``mixed`` (nvJPEG on the GPU) vs DALI ``cpu`` vs the PIL back-end, images/s;
+  stream: DALI ``mixed`` (nvJPEG on the GPU) vs DALI ``cpu`` vs the PIL back-end, images/s
+  (DALI skipped, with that reason, where it is not installed: a bare GPU host with the kit of
+  ``tools/gpu_kit.py``); and JPEG decode alone: torchvision's nvJPEG
+  (``decode_jpeg(device="cuda")``) vs PIL and torchvision on the CPU;
 * **step**: one training iteration of the paper-size HRDA MiT-b5 (1024x1024 crops, random
   init, fake batches) for UDA, PIG and EGLP, in bf16, under DDP and ZeRO-2 over NCCL: s/iter,
   ``max_memory_allocated``, the autocast state seen *inside* each engine's wrapper (the
@@ -253,9 +256,13 @@ def measure_decode(out: Path, gpu: bool, s: dict, skipped: list) -> list:
         st = cfg.source
         st.shards, st.batch_size, st.crop_size = str(work / "shards"), 2, list(s["decode_crop"])
         st.img_scale, st.ratio_range = list(s["decode_size"]), [0.5, 2.0]
+        if backend == "dali" and not dali_installed():
+            skipped.append(f"decode: DALI {decode}: nvidia-dali is not installed (its wheel, ~600 MB installed, "
+                           "cannot travel with the GPU kit); JPEG decode measured with torchvision instead")
+            continue
         try:
             stream = build_train_stream(st, cfg, 0, 1, seed=0, device=device)
-        except Exception as exc:  # noqa: BLE001 - e.g. DALI missing: reported, not fatal
+        except Exception as exc:  # noqa: BLE001 - reported, not fatal
             skipped.append(f"decode: {backend}/{decode}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
             continue
         next(stream)
@@ -271,6 +278,53 @@ def measure_decode(out: Path, gpu: bool, s: dict, skipped: list) -> list:
                      "images_per_s": s["decode_batches"] * 2 / wall, "crop": list(s["decode_crop"]),
                      "source_size": list(s["decode_size"])})
         stream.close()
+    return rows + measure_jpeg_decode(work / "shards", gpu, skipped)
+
+
+def dali_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+
+
+def measure_jpeg_decode(shards: Path, gpu: bool, skipped: list) -> list:
+    """JPEG decode alone, the shards' images to RGB tensors: PIL and torchvision on the CPU,
+    torchvision's nvJPEG (``decode_jpeg(device="cuda")``, one batched call) on the GPU. What
+    DALI's ``mixed`` decode would use, measurable without DALI."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+    from torchvision.io import decode_jpeg
+
+    data = [t.extractfile(m).read() for path in sorted(shards.glob("*.tar")) for t in [tarfile.open(path)]
+            for m in t.getmembers() if m.name.endswith(".jpg")]
+    encoded = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in data]
+    decoders = {"jpeg only: PIL (cpu)": lambda: [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in data],
+                "jpeg only: torchvision (cpu)": lambda: [decode_jpeg(e) for e in encoded]}
+    if gpu:
+        decoders["jpeg only: torchvision nvJPEG (cuda)"] = lambda: decode_jpeg(encoded, device="cuda")
+    else:
+        skipped.append("decode: torchvision nvJPEG (decode_jpeg on cuda) needs a CUDA device")
+    rows = []
+    for name, decode in decoders.items():
+        try:
+            decode()  # warm-up (nvJPEG's handle, allocations)
+        except RuntimeError as exc:  # e.g. torchvision without its image extension: reported, not fatal
+            skipped.append(f"decode: {name}: {str(exc).splitlines()[0]}")
+            continue
+        if gpu:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = decode()
+        if gpu:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+        first = out[0]
+        rows.append({"loader": name, "device": str(first.device) if hasattr(first, "device") else "cpu",
+                     "images_per_s": len(data) / wall, "images": len(data),
+                     "source_size": list(first.shape[-2:] if hasattr(first, "device") else first.shape[:2])})
     return rows
 
 
