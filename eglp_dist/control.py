@@ -200,9 +200,21 @@ class ControlPoint:
         self.bad_in_a_row = int(state.get("bad_in_a_row", 0))
         self.bad_total = int(state.get("bad_total", 0))
 
-    def nan_injected(self, it: int) -> bool:
-        """Tests: poison the loss of iteration ``it`` (1-based, as logged)."""
-        return it in self.cfg.inject_nan_steps
+    def inject_faults(self, it: int, is_main: bool, method) -> None:
+        """The guard's test seam (``trainer.guard.inject_nan_steps``): on rank 0, the student's
+        next backward of iteration ``it`` (1-based, as logged) gets a NaN loss. The engine
+        itself carries no test code: its ``backward`` is wrapped for that one call."""
+        if is_main and it in self.cfg.inject_nan_steps:
+            poison_next_backward(method.student)
+
+
+def poison_next_backward(engine) -> None:
+    backward = engine.backward
+
+    def poisoned(loss):
+        engine.backward = backward  # once
+        backward(loss * float("nan"))
+    engine.backward = poisoned
 
 
 class Decision:

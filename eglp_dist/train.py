@@ -166,8 +166,7 @@ def _train_locked(cfg, env, device, method, streams, val_loaders, run_dir: Path)
             for it in range(start + 1, t.max_iters + 1):  # `it` iterations done after this one
                 where.update(it=it, phase="waiting for this rank's batches")
                 batches = {name: next(stream) for name, stream in streams.items()}
-                if env.is_main and control.nan_injected(it):
-                    method.student.poison_next_backward = True
+                control.inject_faults(it, env.is_main, method)
                 where["phase"] = "the step (its gradient all-reduce)"
                 logs = method.step(batches, it - 1)
                 where["phase"] = "the control point's flag all-reduce"

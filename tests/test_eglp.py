@@ -158,6 +158,48 @@ def test_rcm_never_exceeds_capacity_and_pasted_pixels_carry_their_class_with_wei
     assert torch.equal(out_img[~pasted.unsqueeze(1).expand_as(imgs)], imgs[~pasted.unsqueeze(1).expand_as(imgs)])
 
 
+def _window_positions(images, segs, patch, image, mask, c):
+    """Every (image, y, x) of the padded batch whose patch x patch window is ``image`` with
+    ``mask`` = its class-``c`` pixels (y, x: the window's centre in the unpadded image)."""
+    half = patch // 2
+    pad = (half, patch - half, half, patch - half)
+    win_img = torch.nn.functional.pad(images, pad).unfold(2, patch, 1).unfold(3, patch, 1)  # B,3,H,W,p,p
+    win_seg = torch.nn.functional.pad(segs, pad, value=255).unfold(1, patch, 1).unfold(2, patch, 1)
+    same = (win_img == image[None, :, None, None]).all(-1).all(-1).all(1) & \
+        ((win_seg == c) == mask).all(-1).all(-1)
+    return {tuple(int(v) for v in pos) for pos in same.nonzero()}
+
+
+def test_rcm_stores_the_images_own_windows_around_random_pixels_of_the_class():
+    """Each stored window is an image's own pixels around one pixel of the class, its mask
+    that class's pixels there; the loader's host counts and the device-counted fallback store
+    the same (no host sync needed); over many draws the centre is many different pixels."""
+    from eglp_dist.eglp.rcm import label_counts
+
+    g = torch.Generator().manual_seed(3)
+    segs = torch.randint(0, 19, (3, 40, 56), generator=g)
+    segs[:, 10:20, 5:30] = 13  # enough of a rare class to store
+    segs[1, :8] = 255
+    images = torch.randn(3, 3, 40, 56, generator=g)
+    banks = [RareClassMemory([13, 6, 17], capacity=64, patch=8, min_pixels=20, num_classes=19) for _ in range(2)]
+    gens = [torch.Generator().manual_seed(9) for _ in range(2)]
+    for step in range(12):
+        banks[0].add(images, segs, step % 2 == 1, gens[0])  # counts on the device (fallback)
+        banks[1].add(images, segs, step % 2 == 1, gens[1], counts=label_counts(segs))  # from the loader
+    for k, v in banks[0].state_dict().items():
+        assert torch.equal(banks[1].state_dict()[k], v), k
+    bank = banks[0]
+    assert bank.filled[0] == 36 and bank.night[0, :6].tolist() == [False] * 3 + [True] * 3  # 3 images a step
+    centres = set()
+    for e in range(int(bank.filled[0])):
+        image, mask = bank.images[0, e], bank.masks[0, e]
+        assert mask[4, 4]  # the centre pixel is one of the class's
+        found = _window_positions(images, segs, 8, image, mask, 13)
+        assert found and all(segs[i, y, x] == 13 for i, y, x in found)
+        centres |= found
+    assert len(centres) > 20  # a random pixel each time, not the first one
+
+
 def test_rcm_lowers_the_threshold_of_rare_classes_only():
     bank = ClassConfidence([13], num_classes=19, momentum=0.0)
     label = torch.tensor([[13, 13, 0, 0]])

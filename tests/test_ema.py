@@ -11,18 +11,26 @@ def test_alpha_schedule_is_daformers(step, expected):
 
 
 def test_update_is_the_ema_formula_on_parameters_only():
-    student = make_tiny(0)
+    """Parameters move by DAFormer's EMA; buffers (batch-norm statistics) keep the values they
+    were copied with, however the student's change."""
+    student = make_tiny(0, batch_norm=True)
     teacher = EMATeacher(student, alpha=0.999)
     assert not any(p.requires_grad for p in teacher.module.parameters())
     before = {k: v.clone() for k, v in teacher.module.state_dict().items()}
+    buffers = [name for name, _ in teacher.module.named_buffers()]
+    assert any("running_mean" in name for name in buffers)
     with torch.no_grad():
         for p in student.parameters():
             p.add_(1.0)
+        for b in student.buffers():
+            b.add_(1)
     alpha = teacher.update(student, step=3)
     assert alpha == pytest.approx(0.75)
     s = dict(student.named_parameters())
     for name, p in teacher.module.named_parameters():
         torch.testing.assert_close(p, alpha * before[name] + (1 - alpha) * s[name])
+    for name, b in teacher.module.named_buffers():
+        assert torch.equal(b, before[name]), name
 
 
 def test_step_zero_copies_the_student():

@@ -75,7 +75,15 @@ def test_prompt_functions():
     f = torch.randn(4, 8, 11, 13)
     g = torch.Generator().manual_seed(0)
     hf = high_frequency_prompt(f, hidden=6, depth=2, scale=0.8, generator=g)
-    assert hf.shape == f.shape and (hf >= 0).all()
+    assert hf.shape == f.shape and (hf >= 0).all()  # ends in ReLU
+    # not a constant: it varies over the map and follows the content (random kernels drawn
+    # again from the same seed on another input give another prompt), and a new draw of the
+    # kernels gives another prompt for the same input
+    assert hf.std() > 0 and (hf > 0).float().mean() > 0.1
+    same_kernels = high_frequency_prompt(f.flip(-1), 6, 2, 0.8, torch.Generator().manual_seed(0))
+    first = high_frequency_prompt(f, 6, 2, 0.8, torch.Generator().manual_seed(0))
+    assert not torch.allclose(same_kernels, first)
+    assert not torch.allclose(high_frequency_prompt(f, 6, 2, 0.8, torch.Generator().manual_seed(1)), first)
     s = statistics_prompt(f, 0.0, 0.0, generator=g)  # alpha = beta = 1: identity
     assert torch.allclose(s, f, atol=1e-6)
     s = statistics_prompt(f, 0.75, 0.75, generator=g)

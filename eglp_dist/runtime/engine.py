@@ -120,7 +120,6 @@ class Engine:
         self.micro_steps = 0  # completed calls of step()
         self.skipped_steps = 0  # optimizer steps skipped for non-finite gradients
         self.last_step_skipped = False
-        self.poison_next_backward = False  # tests: make the next loss NaN (trainer.guard)
         self._amp_dtype = autocast_dtype(cfg.precision, device)
         apply_matmul_precision(cfg.precision)
 
@@ -146,9 +145,6 @@ class Engine:
 
     # -- optimisation -------------------------------------------------------------
     def backward(self, loss: torch.Tensor) -> None:
-        if self.poison_next_backward:
-            self.poison_next_backward = False
-            loss = loss * float("nan")
         self._backward(loss)
 
     def _backward(self, loss: torch.Tensor) -> None:
