@@ -96,7 +96,11 @@ def test_an_interrupted_pack_cleans_up_and_says_one_line(tmp_path, sig):
     proc = subprocess.Popen([sys.executable, "-m", "eglp_dist", "pack", "--dataset", "cityscapes",
                              "--root", str(root), "--split", "train", "--out", str(out),
                              "--workers", "2", "--image-format", "png"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            # SIGINT deliverable even when pytest itself runs in the background
+                            # (a non-interactive shell's `&` starts it with SIGINT ignored, which
+                            # children inherit and Python then respects)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while not list(tmp_path.glob(".shards.tmp-*")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
