@@ -1,4 +1,4 @@
-"""Distributed inference and mIoU (``eglp eval``), and the CLI setup ``eglp predict`` shares.
+"""Distributed inference and mIoU (``eglp eval``).
 
 One inference path, :func:`iter_predictions`, serves evaluation and prediction export: each
 image of this rank's share (``build_eval_loader``: resized to ``img_scale``, batch 1) goes
@@ -11,8 +11,8 @@ other, so nothing collective may run per image).
 This module only computes predictions and metrics. Reading weights (files, checkpoint
 folders, strict loading) is ``eglp_dist/weights.py``, shared with encoder conversion; the
 servers' file naming and PNG writing (``eglp predict``) is ``eglp_dist/export.py``, which
-uses :func:`iter_predictions` and :func:`cli_session` from here, so that both commands
-compute and load alike. The training loop uses::
+uses :func:`iter_predictions` from here and the commands' shared setup
+(``eglp_dist/cli_session.py``), so that both commands compute and load alike. The training loop uses::
 
     results = evaluate_targets(model, {name: loader, ...}, device, num_classes, autocast_dtype)
 """
@@ -32,13 +32,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from eglp_dist.atomic import write_text_atomic
+from eglp_dist.cli_session import cli_session, eval_targets
 from eglp_dist.data.labels import CLASSES, NUM_CLASSES
 from eglp_dist.data.planning import to_device
 from eglp_dist.runtime import comm
-from eglp_dist.runtime.engine import autocast, autocast_dtype
+from eglp_dist.runtime.engine import autocast
 from eglp_dist.errors import DataError
 from eglp_dist.metrics import ConfusionMeter, SegMetrics, format_table, metrics_from_confusion
-from eglp_dist.weights import load_into, load_weights, resolve_checkpoint_dir
 
 # ----------------------------------------------------------------------------- inference
 
@@ -235,68 +235,6 @@ def format_targets(results: Mapping[str, TargetMetrics]) -> str:
 # ----------------------------------------------------------------------------- CLI
 
 
-@dataclass
-class CliSession:
-    """What ``eglp eval`` and ``eglp predict`` run with: the config, this rank's launch
-    environment and device, the model with the checkpoint's weights, on that device."""
-
-    cfg: Any
-    env: Any
-    device: torch.device
-    model: nn.Module
-    owns_group: bool  # the process group was created here (and is ended here)
-    checkpoint: Path  # the weight file or resolved iter_XXXXXXX folder the weights came from
-    amp: Optional[torch.dtype]
-
-    def eval_loader(self, stream: Any, name: str):
-        """This rank's share of an eval stream (a ``cfg.data.val`` target or ``test``), batch 1."""
-        from eglp_dist.data.loader import build_eval_loader
-
-        return build_eval_loader(stream, self.cfg.data, self.env.rank, self.env.world_size, self.device,
-                                 name=name)
-
-
-def _open_session(args: argparse.Namespace) -> CliSession:
-    """Config, weights and model (all before any process group, so bad input fails fast on
-    every rank alike), then the process group and this rank's device."""
-    from omegaconf import OmegaConf
-
-    import torch.distributed as tdist
-
-    from eglp_dist.config import load_config
-    from eglp_dist.runtime.env import detect_env, init_distributed
-    from eglp_dist.models import build_segmentor
-
-    cfg = load_config(args.config, list(args.overrides or []))
-    ckpt = Path(args.checkpoint)
-    where = ckpt if ckpt.is_file() else resolve_checkpoint_dir(ckpt)
-    state = load_weights(where)
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    model_cfg["pretrained"] = model_cfg["init_from"] = None  # every weight comes from the checkpoint
-    model = build_segmentor(model_cfg)
-    load_into(model, state, str(where))
-    env = detect_env(local_rank_arg=getattr(args, "local_rank", None))
-    owns_group = not tdist.is_initialized()
-    device = init_distributed(env, cfg.dist.backend, cfg.dist.timeout_s)
-    model.to(device)
-    return CliSession(cfg, env, device, model, owns_group, where,
-                      autocast_dtype(cfg.engine.precision, device))
-
-
-@contextlib.contextmanager
-def cli_session(args: argparse.Namespace) -> Iterator[CliSession]:
-    """The setup of ``eglp eval`` / ``eglp predict`` (``args``: config, checkpoint, overrides,
-    local_rank) for the block; a process group it created is shut down afterwards."""
-    from eglp_dist.runtime.env import shutdown
-
-    session = _open_session(args)
-    try:
-        yield session
-    finally:
-        if session.owns_group:
-            shutdown()
-
-
 def eval_json_path(checkpoint: Path, split: str = "val") -> Path:
     """Beside the run, never inside a checkpoint (read-only to evaluation, and listed file by
     file in its COMPLETE marker): ``<run>/eval/<iter_XXXXXXX>_val.json`` for a checkpoint
@@ -308,23 +246,6 @@ def eval_json_path(checkpoint: Path, split: str = "val") -> Path:
     if checkpoint.parent.name == "checkpoints":
         return checkpoint.parent.parent / "eval" / f"{checkpoint.name}_{split}.json"
     return checkpoint.with_name(f"{checkpoint.name}.eval_{split}.json")
-
-
-def eval_targets(cfg, names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """The configured evaluation targets (``data.val``, those with shards), or the ``names``
-    asked for; ConfigError naming the unknown one or saying that none is configured."""
-    from eglp_dist.errors import ConfigError
-
-    configured = {n: t for n, t in cfg.data.val.items() if t.shards}
-    if names:
-        unknown = [n for n in names if n not in configured]
-        if unknown:
-            raise ConfigError(f"data.val.{unknown[0]}: no such evaluation target with shards "
-                              f"(configured: {', '.join(configured) or 'none'})")
-        return {n: configured[n] for n in names}
-    if not configured:
-        raise ConfigError("data.val: no evaluation target has shards; set data.val.NAME.shards=FOLDER")
-    return configured
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -362,5 +283,5 @@ def _plain_shards(value) -> Any:
 
 
 __all__ = ["Prediction", "EvalMetrics", "TargetMetrics", "eval_mode", "iter_predictions", "evaluate",
-           "evaluate_targets", "average_miou", "results_dict", "format_targets", "eval_targets",
-           "CliSession", "cli_session", "eval_json_path", "run_cli"]
+           "evaluate_targets", "average_miou", "results_dict", "format_targets",
+           "eval_json_path", "run_cli"]

@@ -22,7 +22,8 @@ from eglp_dist.atomic import atomic_path
 from eglp_dist.data.labels import TRAIN_TO_CITYSCAPES_ID, colorize
 from eglp_dist.runtime import comm
 from eglp_dist.errors import ConfigError, DataError
-from eglp_dist.evaluate import Prediction, cli_session, eval_targets, iter_predictions
+from eglp_dist.cli_session import cli_session, eval_targets
+from eglp_dist.evaluate import Prediction, iter_predictions
 
 FORMATS = ("trainid", "labelid", "color")
 

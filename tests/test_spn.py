@@ -217,7 +217,7 @@ def test_multi_target_evaluation_rows_synthia_subsets_and_two_ranks_equal_one(dg
 
 
 def test_unknown_target_and_no_target_are_named():
-    from eglp_dist.evaluate import eval_targets
+    from eglp_dist.cli_session import eval_targets
 
     cfg = load_config(TINY_SPN, ["data.val.day.shards=x"])
     with pytest.raises(ConfigError, match="data.val.dusk"):
