@@ -33,6 +33,7 @@ def counted():
     return run_ranks(bench_step.count_collectives, 2, args=(str(PACKAGE_CONFIG_ROOT / "demo" / "tiny_eglp.yaml"), rows))
 
 
+@pytest.mark.slow  # three recipes built and stepped at 2 ranks (~1 min): `make test-all`, what CI runs
 @pytest.mark.parametrize("method", list(EXPECTED))
 def test_a_step_issues_exactly_the_collectives_it_needs(counted, method):
     for rank in counted:  # every rank calls the same collectives
