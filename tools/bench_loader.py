@@ -49,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed batches first")
     p.add_argument("--loaders", nargs="+", default=list(LOADERS), choices=LOADERS)
     p.add_argument("--repeats", type=int, default=3, help="rounds of every loader, order rotating")
+    p.add_argument("--resample", default=None, choices=["mmcv", "antialias"],
+                   help="data.resample of ours (default: the config's, mmcv)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one loader
     return p.parse_args(argv)
@@ -126,7 +128,8 @@ def _our_loader(args, shards, backend):
     from eglp_dist.data.config import DataConfig
     from eglp_dist.data.loader import build_train_stream
 
-    cfg = DataConfig(backend=backend, num_threads=args.threads, prefetch=2)
+    cfg = DataConfig(backend=backend, num_threads=args.threads, prefetch=2,
+                     **({"resample": args.resample} if args.resample else {}))
     s = cfg.source
     s.shards, s.batch_size = shards, args.batch_size
     s.img_scale, s.ratio_range, s.crop_size = list(args.img_scale), list(args.ratio_range), list(args.crop)
@@ -201,7 +204,8 @@ def table(results, args, load) -> str:
     lines = [f"{args.n} synthetic Cityscapes images {args.size[0]}x{args.size[1]}, "
              f"img_scale {tuple(args.img_scale)}, ratio {tuple(args.ratio_range)}, crop "
              f"{args.crop[0]}x{args.crop[1]}, batch {args.batch_size}, {args.threads} threads/workers, "
-             f"{args.batches} timed batches; {args.repeats} rounds, order rotating; load average (1 min) "
+             f"{args.batches} timed batches; ours resample {args.resample or 'mmcv (default)'}; "
+             f"{args.repeats} rounds, order rotating; load average (1 min) "
              f"{load[0]} at start, {load[1]} at end",
              "| loader | images/s [min-max] | CPU-s / image | images/s vs (a), paired | CPU-s vs (a), paired |",
              "|---|---:|---:|---:|---:|"]
