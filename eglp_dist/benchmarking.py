@@ -91,6 +91,16 @@ def summarise(times: Dict[str, Dict[str, List[float]]], ref: str) -> Dict[str, D
     return {n: {"wall": spread(t["wall"]), "cpu": spread(t["cpu"]), "ratio": ratio[n]} for n, t in times.items()}
 
 
+def write_json(path: Optional[str], payload: dict) -> None:
+    """A benchmark's raw figures (``--json PATH``), with the folder made; nothing if no path."""
+    if path:
+        import json
+        from pathlib import Path
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(payload, indent=1))
+
+
 def format_spread(s: Dict[str, float], digits: int = 3) -> str:
     return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}-{s['max']:.{digits}f}]"
 

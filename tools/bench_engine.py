@@ -100,12 +100,7 @@ def main(argv=None) -> int:
                   f"{B.format_spread(r['step']['wall'], 4):>26}{B.format_spread(r['step']['ratio'], 2):>22}")
     print("load average (1 min) at start, end, per rank: " + "; ".join(f"{r['load'][0]}, {r['load'][1]}"
                                                                       for r in per_rank))
-    if a.json:
-        import json
-        from pathlib import Path
-
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps({"args": vars(a), "per_rank": per_rank}, indent=1))
+    B.write_json(a.json, {"args": vars(a), "per_rank": per_rank})
     return 0
 
 

@@ -242,9 +242,7 @@ def main(argv=None) -> int:
             print(f"round {r}: {name}: {results[name][-1]['images_per_s']:.1f} images/s", file=sys.stderr)
     load.append(B.load_average())
     print(table(results, args, load))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"args": vars(args), "load": load, "results": results}, indent=1))
+    B.write_json(args.json, {"args": vars(args), "load": load, "results": results})
     return 0
 
 

@@ -30,8 +30,6 @@ overlap (upper bound); DDP overlaps most of it with the backward.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 
@@ -212,9 +210,9 @@ def main(argv=None) -> int:
 
     results = run_ranks(_work, 1, args=(a.methods,))[0]  # one process: the recording step needs a process group
     print("\n".join(report(results, a)))
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps({"args": vars(a), "results": results}, indent=1))
+    from eglp_dist.benchmarking import write_json
+
+    write_json(a.json, {"args": vars(a), "results": results})
     return 0
 
 

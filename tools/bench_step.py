@@ -47,10 +47,8 @@ as in tiny_pig.yaml; EGLP with DNIS instead. Suite spn's baseline is the SPN con
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -336,10 +334,8 @@ def main(argv=None) -> int:
         _print_memory(memory, names, ref)
     if a.count_collectives:
         _print_collectives(per_rank, names)
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps({"config": config, "ranks": a.ranks, "warmup": a.warmup,
-                                            "iters": a.iters, "per_rank": per_rank, "memory": memory}, indent=1))
+    B.write_json(a.json, {"config": config, "ranks": a.ranks, "warmup": a.warmup, "iters": a.iters,
+                          "per_rank": per_rank, "memory": memory})
     return 0
 
 
