@@ -33,6 +33,7 @@ def _host_site(folder: Path) -> Path:
 
 
 @pytest.mark.slow  # builds the kit (registry downloads) and runs the dry GPU check: `make test-all` (CI)
+@pytest.mark.timeout(1200)  # ~4 min on 2 busy cores; the suite's 300 s default would be too close
 def test_the_kit_installs_offline_over_a_bare_host_and_runs_the_gpu_check(tmp_path):
     kit = tmp_path / "kit"
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
