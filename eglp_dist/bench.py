@@ -23,6 +23,11 @@ def ablate_cli(args: argparse.Namespace) -> int:
 
 
 def run_tool(name: str, argv) -> int:
+    return int(tool_module(name).main(argv) or 0)
+
+
+def tool_module(name: str):
+    """tools/NAME.py as a module (the CLI runs its ``main``; tests call its functions)."""
     path = TOOLS / f"{name}.py"
     if not path.is_file():
         raise UserError(f"tool script {path} not found")
@@ -31,5 +36,4 @@ def run_tool(name: str, argv) -> int:
     # spawned children get the parent's sys.path, so they can import it the same way.
     if str(TOOLS) not in sys.path:
         sys.path.insert(0, str(TOOLS))
-    module = importlib.import_module(name)
-    return int(module.main(argv) or 0)
+    return importlib.import_module(name)

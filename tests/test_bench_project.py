@@ -1,17 +1,12 @@
 """The paper-size projection's two measurements: which network passes a step makes (recorded
 from the real step, not listed by hand) and their FLOPs on meta-device networks."""
-import sys
-
 import torch
 
-from eglp_dist.bench import TOOLS
+from eglp_dist.bench import tool_module
 from eglp_dist.config import PACKAGE_CONFIG_ROOT, load_config
 from eglp_dist.runtime.env import DistEnv
 
-if str(TOOLS) not in sys.path:
-    sys.path.insert(0, str(TOOLS))
-import bench_project  # noqa: E402
-import bench_step  # noqa: E402
+bench_project, bench_step = tool_module("bench_project"), tool_module("bench_step")
 
 SMALL = ["data.source.crop_size=[64,64]", "data.target.crop_size=[64,64]", "data.prompt.crop_size=[64,64]"]
 

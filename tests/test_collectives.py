@@ -3,12 +3,10 @@ pinned, so a new per-step collective (a stray all-reduce, DDP's buffer broadcast
 back) fails here. Counted by tools/bench_step.py's ``count_collectives`` (what
 ``eglp bench step --count-collectives`` prints): DDP's gradient buckets through a
 communication hook, everything else by wrapping torch.distributed, named by its caller."""
-import sys
-
 import pytest
 
 from dist_harness import run_ranks
-from eglp_dist.bench import TOOLS
+from eglp_dist.bench import tool_module
 from eglp_dist.config import PACKAGE_CONFIG_ROOT
 
 SMALL = ["data.source.crop_size=[64,64]", "data.target.crop_size=[64,64]", "data.prompt.crop_size=[64,64]"]
@@ -25,10 +23,7 @@ EXPECTED = {
 
 @pytest.fixture(scope="module")
 def counted():
-    if str(TOOLS) not in sys.path:
-        sys.path.insert(0, str(TOOLS))
-    import bench_step
-
+    bench_step = tool_module("bench_step")
     rows = [(name, [*SMALL, *extra]) for name, extra in bench_step.SUITES["uda"][1] if name in EXPECTED]
     return run_ranks(bench_step.count_collectives, 2, args=(str(PACKAGE_CONFIG_ROOT / "demo" / "tiny_eglp.yaml"), rows))
 

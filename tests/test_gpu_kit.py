@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from eglp_dist.bench import TOOLS
+from eglp_dist.bench import TOOLS, tool_module
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TOOLS))
-import gpu_kit  # noqa: E402
+gpu_kit = tool_module("gpu_kit")
 
 
 def _host_site(folder: Path) -> Path:

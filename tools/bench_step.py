@@ -108,20 +108,20 @@ def _step(method, batches, it: int) -> None:
     float(sum(v.float() for v in logs.values()))  # wait for the step, as a log would
 
 
-def _timed_attribute(obj, name: str, sync, spent: list) -> None:
-    """Wrap ``obj.name`` (if set) so that each call appends its seconds to ``spent``."""
-    fn = getattr(obj, name, None)
-    if fn is None:
-        return
-
+def _timed(fn, sync, spent):
+    """``fn`` that also appends its seconds (device work included) to the list ``spent()``
+    returns, or only runs it where that is None."""
     def timed(*args, **kwargs):
+        into = spent()
+        if into is None:
+            return fn(*args, **kwargs)
         sync()
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
         sync()
-        spent.append(time.perf_counter() - t0)
+        into.append(time.perf_counter() - t0)
         return out
-    setattr(obj, name, timed)
+    return timed
 
 
 def _alone(fn):
@@ -163,7 +163,8 @@ def _work(env, config, variants, warmup, iters, count, weak_scaling=False):
             _step(m, b, it)
         rows[name] = _alone(step) if build_env is alone else step
         parts[name] = {"ranking": [], "reduce": []}
-        _timed_attribute(method, "similarity", sync, parts[name]["ranking"])
+        if getattr(method, "similarity", None) is not None:
+            method.similarity = _timed(method.similarity, sync, lambda spent=parts[name]["ranking"]: spent)
         info[name] = {"params": sum(p.numel() for p in method.student.model.parameters()),
                       "model": cfg.model.name, "batch": cfg.data.source.batch_size,
                       "crop": list(cfg.data.source.crop_size)}
@@ -171,16 +172,7 @@ def _work(env, config, variants, warmup, iters, count, weak_scaling=False):
     # EGLP's step has one; the log interval's reduction is outside the step)
     current = {"row": None}
     wait = comm.PendingSums.wait
-
-    def timed_wait(pending):
-        if current["row"] is None:
-            return wait(pending)
-        sync()
-        t0 = time.perf_counter()
-        out = wait(pending)
-        sync()
-        parts[current["row"]]["reduce"].append(time.perf_counter() - t0)
-        return out
+    timed_wait = _timed(wait, sync, lambda: parts[current["row"]]["reduce"] if current["row"] else None)
 
     def row(name):
         def run(it):
@@ -216,7 +208,6 @@ def count_collectives(env, config, variants, steps: int = 2) -> dict:
     from eglp_dist.runtime.env import current_device
 
     device = current_device(env)
-
     counter = B.CollectiveCounter().patch()
     out = {}
     try:

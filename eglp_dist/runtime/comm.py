@@ -84,10 +84,6 @@ class PendingSums:
         return out
 
 
-def reduce_sums_async(tensors: List[torch.Tensor]) -> PendingSums:
-    return PendingSums(list(tensors))
-
-
 def reduce_sums(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
     """The SUM of each tensor across ranks, all in one collective (float64)."""
     return PendingSums(list(tensors)).wait()

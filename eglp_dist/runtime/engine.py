@@ -145,9 +145,6 @@ class Engine:
 
     # -- optimisation -------------------------------------------------------------
     def backward(self, loss: torch.Tensor) -> None:
-        self._backward(loss)
-
-    def _backward(self, loss: torch.Tensor) -> None:
         raise NotImplementedError
 
     def step(self) -> bool:
@@ -309,7 +306,7 @@ class DDPEngine(Engine):
             self.sync.forward(synced)
         return self.wrapper(method, *args, **kwargs)
 
-    def _backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum).backward()
         self.sync.backward()
 
@@ -379,7 +376,7 @@ class DeepSpeedEngine(Engine):
     def _wrapped(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return self.ds(method, *args, **kwargs)
 
-    def _backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss / self.grad_accum, scale_wrt_gas=False)
 
     def _optimizer_step(self) -> bool:

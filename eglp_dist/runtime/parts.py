@@ -45,7 +45,7 @@ class PendingStatistics:
 
     def __init__(self, contributions: Sequence[Tuple[ReducedStatistics, Tensor]]):
         self.parts: List[ReducedStatistics] = [part for part, _ in contributions]
-        self.pending = comm.reduce_sums_async([sums for _, sums in contributions])
+        self.pending = comm.PendingSums([sums for _, sums in contributions])
 
     def finish(self) -> None:
         """Wait for the collective and hand every part its reduced sums."""
