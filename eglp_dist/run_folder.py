@@ -137,10 +137,20 @@ def config_differences(trained: Mapping[str, Any], now: Mapping[str, Any]) -> Li
         if _neutral(key):
             continue
         old, new = a.get(key, missing), b.get(key, missing)
-        if old != new:
+        if old != new and not same_path(old, new):
             show = lambda v: "(absent)" if v is missing else repr(v)  # noqa: E731
             out.append(f"{key}: {show(old)} -> {show(new)}")
     return out
+
+
+def same_path(a: Any, b: Any) -> bool:
+    """Two strings that name the same existing file or folder (``runs/x`` and ``/abs/runs/x``,
+    or through a symlink) are one setting: a run resumed from another working directory, or a
+    study folder given another way, continues instead of refusing. A path that does not exist
+    from here still counts as different."""
+    if not (isinstance(a, str) and isinstance(b, str) and a and b):
+        return False
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
 
 
 def check_resume_config(checkpoint: Path, trained: Mapping[str, Any], now: Mapping[str, Any]) -> None:

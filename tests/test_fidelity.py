@@ -133,13 +133,13 @@ def test_ddp_does_not_warn_about_depthwise_grad_strides_but_would_about_real_one
 def test_resampling_is_mmcvs_cv2_inter_linear_and_inter_nearest_by_default():
     """DAFormer/HRDA's Resize is mmcv.imrescale = cv2.resize INTER_LINEAR (no antialiasing)
     for images and INTER_NEAREST for labels; a resized-then-cropped sample must be the same
-    pixels (images within cv2's fixed-point rounding: 1 grey level)."""
+    pixels, bit for bit, though the pil back-end resizes only the part the crop reaches."""
     import io
 
     import cv2
     from PIL import Image
 
-    from eglp_dist.data.augment import crop_label
+    from eglp_dist.data.augment import Geometry, crop_label
     from eglp_dist.data.config import DataConfig
     from eglp_dist.data.pil import resample
 
@@ -149,19 +149,29 @@ def test_resampling_is_mmcvs_cv2_inter_linear_and_inter_nearest_by_default():
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
     lab = rng.integers(0, 19, (300, 500), dtype=np.uint8)
-    for H, W in [(150, 250), (137, 229), (611, 1003)]:  # 2x down, odd down, up
-        top, left, h, w = 17, 23, min(100, H - 17), 128
+    # 2x down (cv2's area fast path), odd down, up, 2x up; a scale so near 1 that the part
+    # resized keeps its size (cv2 would copy it); then random sizes and crops, crops at every
+    # edge included (the part resized must not clamp where the image does not)
+    cases = [(150, 250, 17, 23, 100, 128), (137, 229, 17, 23, 100, 128), (611, 1003, 17, 23, 100, 128),
+             (600, 1000, 0, 0, 100, 128), (300, 501, 10, 20, 50, 60)]
+    for i in range(40):
+        H, W = int(rng.integers(40, 700)), int(rng.integers(60, 1100))
+        h, w = min(int(rng.integers(8, 160)), H), min(int(rng.integers(8, 160)), W)
+        top = [0, H - h, int(rng.integers(0, H - h + 1))][i % 3]
+        left = [W - w, 0, int(rng.integers(0, W - w + 1))][i % 3]
+        cases.append((H, W, top, left, h, w))
+    for H, W, top, left, h, w in cases:
         sy, sx = H / 300, W / 500
         box = (left / sx, top / sy, (left + w) / sx, (top + h) / sy)
         ref = cv2.resize(img, (W, H), interpolation=cv2.INTER_LINEAR)[top:top + h, left:left + w]
         for flip in (False, True):
-            ours = resample(buf.getvalue(), box, (h, w), flip)
-            want = ref[:, ::-1] if flip else ref
-            assert np.abs(ours.astype(int) - want.astype(int)).max() <= 1, (H, W, flip)
+            ours = resample(buf.getvalue(), Geometry(box, (h, w), (h, w), (H, W), (top, left), flip))
+            assert np.array_equal(ours, ref[:, ::-1] if flip else ref), (H, W, top, left, h, w, flip)
         ref_lab = cv2.resize(lab, (W, H), interpolation=cv2.INTER_NEAREST)[top:top + h, left:left + w]
         assert np.array_equal(crop_label(lab, (H, W), top, left, (h, w)), ref_lab)
     # the other convention stays available: antialiased when shrinking, so it differs from cv2
-    anti = resample(buf.getvalue(), (0.0, 0.0, 500.0, 300.0), (150, 250), False, mode="antialias")
+    whole = Geometry((0.0, 0.0, 500.0, 300.0), (150, 250), (150, 250), (150, 250), (0, 0), False)
+    anti = resample(buf.getvalue(), whole, mode="antialias")
     assert np.abs(anti.astype(int) - cv2.resize(img, (250, 150), interpolation=cv2.INTER_LINEAR).astype(int)).max() > 5
 
 

@@ -193,6 +193,25 @@ def test_a_group_the_file_does_not_select_replaces_the_whole_node(tmp_path):
 # ------------------------------------------------- 5. a rerun with other settings, 11. start
 
 
+def test_a_path_named_another_way_is_the_same_setting(tmp_path, monkeypatch):
+    """A run resumed from another working directory (``runs/x`` then ``/abs/runs/x``, or a
+    study folder reached through a symlink) continues; a path that is really another one, or
+    that does not exist from here, still stops the resume."""
+    from eglp_dist.run_folder import config_differences
+
+    (tmp_path / "runs" / "shards").mkdir(parents=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "runs")
+    monkeypatch.chdir(tmp_path)
+    trained = {"data": {"source": {"shards": "runs/shards"}}, "model": {"init_from": "gone/ckpt"}}
+    for same in (str(tmp_path / "runs" / "shards"), "link/shards", "./runs/shards"):
+        assert config_differences(trained, {**trained, "data": {"source": {"shards": same}}}) == []
+    assert config_differences(trained, {**trained, "data": {"source": {"shards": "other"}}}) == [
+        "data.source.shards: 'runs/shards' -> 'other'"]
+    assert config_differences(trained, {**trained, "model": {"init_from": str(tmp_path / "gone/ckpt")}}) == [
+        f"model.init_from: 'gone/ckpt' -> '{tmp_path / 'gone/ckpt'}'"]
+
+
 def test_a_rerun_with_changed_settings_does_not_resume_the_old_run(shards, tmp_path):
     cfg = DEMO / "tiny_source_only.yaml"
     base = run_args(shards, tmp_path, "trainer.eval_interval=100", "trainer.ckpt_interval=1")

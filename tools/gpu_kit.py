@@ -32,7 +32,7 @@ from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HOST = ("torch", "torchvision", "timm", "tensorboard", "scipy")  # preinstalled on the GPU host
+HOST = ("torch", "torchvision", "timm", "tensorboard", "scipy")  # preinstalled on the GPU host (and cv2)
 KIT = ("deepspeed", "webdataset", "omegaconf", "lpips")  # what the project adds to them
 BUILT_HERE = {"deepspeed"}  # an sdist whose setup.py needs torch: built against ours, no ops
 PLATFORMS = ("manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_28_x86_64", "manylinux_2_34_x86_64")

@@ -7,22 +7,25 @@ crop retries), never on the image. So we decide the geometry here, on the label 
 losslessly on the CPU, cheap: one channel), and express it as one resampling of an image
 *box* to the crop's size: "resize the whole image, then crop" equals "resample the crop's
 source box to the crop size" (same pixel centres, same filter), and a horizontal flip is
-the same box with its x ends swapped. Both backends then do only that (``resample_box`` /
-PIL ``Image.resize(box=...)`` and DALI ``fn.resize(roi_start, roi_end)``). That makes their
-semantics identical by construction, the label tensors bit-identical, and it is cheap: the
-image is decoded once and only the crop region is resampled.
+the same box with its x ends swapped. Both backends then do only that (``resize_crop``: cv2's
+resize of the part of the image the crop reaches, or PIL ``Image.resize(box=...)``; DALI
+``fn.resize(roi_start, roi_end)``). That makes their semantics identical by construction, the
+label tensors bit-identical, and it is cheap: the image is decoded once and only the crop
+region is resampled.
 
 Which resampling (``data.resample``):
 
 * ``mmcv`` (default, the reference): what mmcv's ``imrescale`` does for DAFormer/HRDA/PIG's
-  ``Resize``: images with cv2 ``INTER_LINEAR`` -- bilinear on half-pixel centres, coordinates
-  clamped at the border, **no antialiasing** when shrinking -- and labels with cv2
+  ``Resize``: images with cv2 ``INTER_LINEAR`` (the pil back-end calls cv2 itself) -- bilinear
+  on half-pixel centres, coordinates clamped at the border, **no antialiasing** when
+  shrinking -- and labels with cv2
   ``INTER_NEAREST``, which takes source pixel ``floor(dst * src / dst_size)`` (not the centre);
 * ``antialias``: bilinear with antialiasing when shrinking (PIL ``BILINEAR``, DALI
   ``antialias=True``) and pixel-centre nearest labels: smoother downscales, not the papers'.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
@@ -66,9 +69,10 @@ def rescale_hw(hw: Tuple[int, int], img_scale: Optional[Sequence[int]], ratio: f
 
 
 def _nearest_index(offset: int, length: int, scale: float, src_len: int, centre: bool) -> np.ndarray:
-    """Source index of each output pixel: cv2 INTER_NEAREST ``floor(dst / scale)`` or, with
-    ``centre``, the pixel whose area holds the output pixel's centre."""
-    pos = (offset + np.arange(length) + (0.5 if centre else 0.0)) / scale
+    """Source index of each output pixel: cv2 INTER_NEAREST ``floor(dst * (1 / scale))`` (the
+    reciprocal first, as cv2 computes it: dividing instead rounds the other way at some exact
+    integers) or, with ``centre``, the pixel whose area holds the output pixel's centre."""
+    pos = (offset + np.arange(length) + (0.5 if centre else 0.0)) * (1.0 / scale)
     return np.minimum(pos.astype(np.int64), src_len - 1)
 
 
@@ -81,29 +85,31 @@ def crop_label(label: np.ndarray, scaled_hw, top: int, left: int, out_hw, resamp
     return label[rows][:, cols]
 
 
-def _linear_axis(lo: float, hi: float, n: int, size: int):
-    """cv2 INTER_LINEAR along one axis for the source interval [lo, hi) -> n pixels: the two
-    source indices (clamped) and the weight of the second."""
-    x = lo + (np.arange(n) + 0.5) * ((hi - lo) / n) - 0.5
-    x0 = np.floor(x)
-    frac = (x - x0).astype(np.float32)
-    x0 = x0.astype(np.int64)
-    return np.clip(x0, 0, size - 1), np.clip(x0 + 1, 0, size - 1), frac
+def resize_crop(image: np.ndarray, geom: Geometry) -> np.ndarray:
+    """mmcv's ``Resize`` then ``RandomCrop`` of a uint8 [H, W, C] image, literally: cv2.resize
+    with INTER_LINEAR to ``geom.scaled_hw``, then the crop -- the same pixels as DAFormer/HRDA's
+    pipeline, bit for bit (not flipped; the caller mirrors).
 
+    Only the top-left part of the image that the crop reaches, plus a 2-pixel margin, is
+    resized: cv2 gives an output pixel taps and weights that depend on its index and the scale
+    alone (``fx`` is the full resize's, ``scaled / size``), so that part's resize is the full
+    one's top-left corner as long as no tap the crop uses is clamped at the part's own edge,
+    which the margin rules out (``tests/test_fidelity.py`` checks it against the full resize).
+    """
+    import cv2
 
-def resample_box(image: np.ndarray, box, out_hw) -> np.ndarray:
-    """uint8 [H, W, C] -> the ``box`` (x0, y0, x1, y1) resampled to ``out_hw`` as cv2.resize
-    with INTER_LINEAR would give it inside the resized image (mmcv's training and test
-    Resize): bilinear, half-pixel centres, border clamped, no antialiasing. Floating point
-    where cv2 uses 11-bit fixed-point weights, so values may differ by one grey level."""
-    x0, y0, x1, y1 = box
-    h, w = out_hw
-    r0, r1, fy = _linear_axis(y0, y1, h, image.shape[0])
-    c0, c1, fx = _linear_axis(x0, x1, w, image.shape[1])
-    a = image.astype(np.float32)
-    rows = a[r0] * (1.0 - fy)[:, None, None] + a[r1] * fy[:, None, None]
-    out = rows[:, c0] * (1.0 - fx)[None, :, None] + rows[:, c1] * fx[None, :, None]
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    height, width = image.shape[:2]
+    (sh, sw), (top, left), (h, w) = geom.scaled_hw, geom.crop_yx, geom.out_hw
+    fy, fx = sh / height, sw / width
+    ye = min(height, math.ceil((top + h) / fy) + 2)
+    xe = min(width, math.ceil((left + w) / fx) + 2)
+    if (ye, xe) == (height, width) or (round(ye * fy), round(xe * fx)) == (ye, xe):
+        # the whole image, also where the part would keep its size: cv2 copies an image whose
+        # output size equals its own, whatever the scale
+        scaled = cv2.resize(image, (sw, sh), interpolation=cv2.INTER_LINEAR)
+    else:
+        scaled = cv2.resize(image[:ye, :xe], None, fx=fx, fy=fy, interpolation=cv2.INTER_LINEAR)
+    return scaled[top:top + h, left:left + w]
 
 
 class Augmenter:

@@ -2,10 +2,11 @@
 evaluation reads its shards sequentially with the webdataset library.
 
 Training samples come from ``loader.SampleSource`` (sampler + random access by .idx offset),
-so this module only turns a planned sample into pixels: decode, resample the planned box to
-the crop size (``augment.resample_box``, or ``Image.resize(box=...)``), mirror, then normalise and pad on the target
-device. PIL releases the GIL while decoding and resampling, so a thread pool scales across
-cores without worker processes.
+so this module only turns a planned sample into pixels: decode (PIL), resample the planned
+crop (``augment.resize_crop``: cv2, as mmcv; or PIL ``Image.resize(box=...)``), mirror, then
+normalise and pad on the target device. PIL and cv2 release the GIL while decoding and
+resampling, so a thread pool scales across cores without worker processes (cv2's own thread
+pool is switched off for it: the samples are the parallel work).
 
 Evaluation streams this rank's contiguous part of the split through
 ``webdataset.WebDataset`` (sequential tar reads; splitting is ours, by sample, so it equals
@@ -20,30 +21,39 @@ import numpy as np
 import torch
 from PIL import Image
 
-from eglp_dist.data.augment import eval_geometry, resample_box
+from eglp_dist.data.augment import Geometry, eval_geometry, resize_crop
 from eglp_dist.data.codecs import BadSample, decode_seg, load_rgb
 from eglp_dist.data.planning import Prefetcher, SampleSource, attach_labels, batch_hw, normalise_into
 from eglp_dist.data.shards import SEG_EXT, image_ext
 from eglp_dist.errors import DataError
 
 
-def resample(image: bytes, box, out_hw, flip: bool, name: str = "image", mode: str = "mmcv") -> np.ndarray:
-    """Decode and resample ``box`` of an encoded image to ``out_hw`` (``data.resample``:
-    mmcv's cv2 INTER_LINEAR, or PIL's antialiased bilinear), mirrored if ``flip`` -> uint8
-    [h, w, 3]."""
+def resample(image: bytes, geom: Geometry, name: str = "image", mode: str = "mmcv") -> np.ndarray:
+    """Decode an encoded image and cut out ``geom``'s crop at its size (``data.resample``:
+    mmcv's cv2 INTER_LINEAR resize, or PIL's antialiased bilinear), mirrored if ``geom.flip``
+    -> uint8 [h, w, 3]."""
     try:
         im = load_rgb(image, name)
     except BadSample as exc:
         raise DataError(str(exc)) from None
-    h, w = out_hw
-    if (w, h) != im.size or tuple(box) != (0.0, 0.0, float(im.size[0]), float(im.size[1])):
+    h, w = geom.out_hw
+    box = tuple(geom.box)
+    if (w, h) != im.size or box != (0.0, 0.0, float(im.size[0]), float(im.size[1])):
         if mode == "mmcv":
-            arr = resample_box(np.asarray(im), box, out_hw)
-            return np.ascontiguousarray(arr[:, ::-1]) if flip else arr
-        im = im.resize((w, h), Image.BILINEAR, box=tuple(box))
-    if flip:
+            _single_threaded_cv2()
+            arr = resize_crop(np.asarray(im), geom)
+            return np.ascontiguousarray(arr[:, ::-1] if geom.flip else arr)
+        im = im.resize((w, h), Image.BILINEAR, box=box)
+    if geom.flip:
         im = im.transpose(Image.FLIP_LEFT_RIGHT)
     return np.array(im)  # writable copy (torch.from_numpy refuses read-only buffers)
+
+
+def _single_threaded_cv2() -> None:
+    import cv2
+
+    if cv2.getNumThreads() != 1:
+        cv2.setNumThreads(1)
 
 
 class PilTrainProducer:
@@ -58,7 +68,7 @@ class PilTrainProducer:
 
     def _sample(self, step: int, slot: int):
         p = self.source.plan(step, slot)
-        return resample(p.image, p.geom.box, p.geom.out_hw, p.geom.flip, p.origin, self.source.resample), p
+        return resample(p.image, p.geom, p.origin, self.source.resample), p
 
     def get(self, step: int) -> dict:
         results = self.prefetch.get(step)
@@ -99,7 +109,7 @@ def iter_eval_pil(loader) -> Iterator[dict]:
             geom = eval_geometry((h, w), loader.img_scale)
             origin = f"{sample['__url__']}:{meta['key']}"
             ext = image_ext(sample)
-            arr = resample(sample[ext], geom.box, geom.out_hw, False, f"{origin}.{ext}", loader.resample)
+            arr = resample(sample[ext], geom, f"{origin}.{ext}", loader.resample)
             img = torch.zeros((1, 3) + tuple(geom.out_hw), dtype=torch.float32, device=loader.device)
             batch = {"img": normalise_into(img, [arr], mean, std),
                      "meta": [loader.meta(index, meta, geom.out_hw)]}

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from eglp_dist.data.labels import CLASSES
-from eglp_dist.eglp.similarity import NUM_FEATURES, class_sums, pixel_features, stats_distance
+from eglp_dist.eglp.similarity import (NUM_FEATURES, binned_sums, class_bins, flat_pixels, pixel_features,
+                                       stats_distance)
 
 WIDTH = 1 + 2 * NUM_FEATURES  # count, sums, sums of squares
 
@@ -47,19 +48,15 @@ class DNIS:
         self.sums = torch.zeros(2, num_classes, WIDTH, dtype=torch.float64, device=device)
 
     # -- statistics of one step --------------------------------------------------------
-    def side_sums(self, images: Tensor, labels: Tensor) -> Tensor:
-        """(K, WIDTH) sums over a batch of images with per-pixel labels (255 = not counted)."""
-        return class_sums(pixel_features(images, self.mean, self.std), labels, self.k).sum(0)
-
     def local_sums(self, day_img: Tensor, day_seg: Tensor, night: list) -> Tensor:
         """(2, K, WIDTH) sums of this rank's step: source pixels by ground truth, and each
-        (images, labels) pair of ``night`` (prompt GT; confident target pseudo-labels).
-        Reduced across ranks with the step's other statistics (``runtime.parts``)."""
-        day = self.side_sums(day_img, day_seg)
-        nights = torch.zeros_like(day)
-        for img, seg in night:
-            nights = nights + self.side_sums(img, seg)
-        return torch.stack([day, nights])
+        (images, labels) pair of ``night`` (prompt GT; confident target pseudo-labels), every
+        image set's pixels in one scatter (day bins 0..K-1, night K..2K-1). Reduced across
+        ranks with the step's other statistics (``runtime.parts``)."""
+        sets = [(day_img, day_seg, 0)] + [(img, seg, self.k) for img, seg in night]
+        features = torch.cat([flat_pixels(pixel_features(img, self.mean, self.std)) for img, _, _ in sets])
+        bins = torch.cat([class_bins(seg, self.k, offset, dropped=2 * self.k) for _, seg, offset in sets])
+        return binned_sums(features, bins, 2 * self.k + 1)[:2 * self.k].view(2, self.k, WIDTH)
 
     def absorb(self, reduced: Tensor) -> None:
         """Running sums <- momentum * running sums + this step's sums over all ranks."""

@@ -168,7 +168,7 @@ class EGLP(PIG):
                      counts=prompt.get("label_counts"))
         s.mixed_img, s.mixed_seg, s.mixed_weight, pasted = self.rcm.paste(
             s.mixed_img, s.mixed_seg, s.mixed_weight, self.cfg.method.eglp.rcm.paste_per_image,
-            self.generator, self.night_shift(), self.mean, self.std)
+            self.generator, self.night_shift(s), self.mean, self.std)
         if s.mixed_gt is not None:
             s.mixed_gt = torch.where(pasted, s.mixed_seg, s.mixed_gt)
         s.logs["rcm.pasted_pixels"] = pasted.float().mean()
@@ -181,15 +181,21 @@ class EGLP(PIG):
             return img, seg
         day_too = self.cfg.method.eglp.rcm.day_patches_to_nfnet
         img, seg, _, _ = self.rcm.paste(img, seg, None, self.cfg.method.eglp.rcm.paste_per_image,
-                                        self.generator, self.night_shift() if day_too else None,
+                                        self.generator, self.night_shift(s) if day_too else None,
                                         self.mean, self.std, night_only=not day_too)
         return img, seg
 
-    def night_shift(self):
+    def night_shift(self, s: StepState):
         """(K, 3) night-minus-day mean log intensity per class from DNIS's sums (classes seen on
-        both sides; the others get the mean shift of the seen ones), or None (no adjustment)."""
+        both sides; the others get the mean shift of the seen ones), or None (no adjustment).
+        Computed once per step (both pastes use it; the sums do not change in between)."""
         if self.dnis is None or not self.cfg.method.eglp.rcm.night_adjust:
             return None
+        if "night_shift" not in s.extra:
+            s.extra["night_shift"] = self._night_shift()
+        return s.extra["night_shift"]
+
+    def _night_shift(self):
         _, day, _ = moments(self.dnis.sums[0])
         _, night, _ = moments(self.dnis.sums[1])
         shift = (night - day)[:, :3].float()
