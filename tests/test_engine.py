@@ -253,3 +253,29 @@ def test_zero2_checkpoint_is_repartitioned_for_another_world_size(tmp_path, worl
         for name in after_moments:
             for key in after_moments[name]:
                 torch.testing.assert_close(after_moments[name][key], ddp[2][name][key], rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------- DeepSpeed's private ZeRO members, checked at build
+
+def test_the_private_zero_members_are_checked_when_an_engine_is_built(capsys):
+    """Elastic resume uses private members of DeepSpeed's ZeRO optimizer: the installed one
+    has them, a DeepSpeed without one fails at build time naming it and the version, one
+    outside the tested series gets a note."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from eglp_dist.errors import ConfigError
+    from eglp_dist.runtime import zero_internals
+
+    assert all(callable(getattr(DeepSpeedZeroOptimizer, m, None)) for m in zero_internals.METHODS)
+    complete = SimpleNamespace(**{m: (lambda *a: None) for m in zero_internals.METHODS},
+                               _hp_optimizer_states_linked=True)
+    zero_internals.check(complete, "zero2", "0.19.8")
+    assert capsys.readouterr().err == ""
+    zero_internals.check(complete, "zero2", "0.21.0rc1")
+    assert "DeepSpeed 0.21.0rc1 is outside the tested series (0.19)" in capsys.readouterr().err
+    renamed = SimpleNamespace(**{m: (lambda *a: None) for m in zero_internals.METHODS[1:]})
+    with pytest.raises(ConfigError, match=r"engine.kind=zero1: DeepSpeed 0.22.1's SimpleNamespace lacks "
+                                          r"_load_global_state, _hp_optimizer_states_linked"):
+        zero_internals.check(renamed, "zero1", "0.22.1")

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from eglp_dist.runtime import comm
+from eglp_dist.runtime import comm, zero_internals
 from eglp_dist.runtime.checkpoint import read_file
 from eglp_dist.runtime.env import DistEnv
 from eglp_dist.errors import DataError
@@ -372,6 +372,7 @@ class DeepSpeedEngine(Engine):
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             args=args, model=self.dispatcher, optimizer=self.optimizer, lr_scheduler=self.scheduler,
             config=ds_config, dist_init_required=False)
+        zero_internals.check(self.ds.optimizer, self.cfg.kind, deepspeed.__version__)
 
     def _wrapped(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return self.ds(method, *args, **kwargs)
@@ -432,7 +433,7 @@ class DeepSpeedEngine(Engine):
         (tested 2 -> 2, 2 -> 1 and 2 -> 3)."""
         zero_opt = self.ds.optimizer
         inner = zero_opt.optimizer
-        zero_opt._load_global_state(states[0])
+        zero_internals.load_global_state(zero_opt, states[0])
         for i, group in enumerate(inner.param_groups):
             flat = group["params"][0]  # this rank's fp32 partition of group i
             saved = [sd["base_optimizer_state"][i] for sd in states]
@@ -441,7 +442,7 @@ class DeepSpeedEngine(Engine):
                 partitioned = all(torch.is_tensor(v) and v.shape == sd["single_partition_of_fp32_groups"][i].shape
                                   for v, sd in zip(values, states))
                 if partitioned:  # one copy that owns its memory (a slice would keep the merged buffer)
-                    value = zero_opt._partition_base_optimizer_state(key, values, i).to(
+                    value = zero_internals.partition_state(zero_opt, key, values, i).to(
                         flat.device, flat.dtype, copy=True)
                 else:
                     value = values[0].clone() if torch.is_tensor(values[0]) else values[0]
@@ -450,13 +451,13 @@ class DeepSpeedEngine(Engine):
         # rest); here it comes from the loaded schedule, or the first step would use lr(0).
         for group, lr in zip(inner.param_groups, self.scheduler.get_last_lr()):
             group["lr"] = lr
-        _relink_optimizer_fragments(zero_opt)
+        zero_internals.relink_fragments(zero_opt)
 
     def full_optimizer_state(self) -> Dict[str, Dict[str, torch.Tensor]]:
         """Collective: gathered from the partitions (DeepSpeed's tensor-fragment API)."""
         from deepspeed.utils import safe_get_full_optimizer_state
 
-        _relink_optimizer_fragments(self.ds.optimizer)
+        zero_internals.relink_fragments(self.ds.optimizer)
         inner = self.ds.optimizer.optimizer
         keys = sorted({k for s in inner.state.values() for k, v in s.items() if torch.is_tensor(v) and v.dim() > 0})
         return {name: {k: safe_get_full_optimizer_state(p, k).detach().cpu().clone() for k in keys}
@@ -495,14 +496,6 @@ def deepspeed_config(engine_cfg, world_size: int) -> Dict[str, Any]:
         "steps_per_print": 2 ** 31 - 1,
         "wall_clock_breakdown": False,
     }
-
-
-def _relink_optimizer_fragments(zero_opt) -> None:
-    """Point every parameter's fragment mapping at the optimizer state again. DeepSpeed
-    links them at the first step only; its checkpoint loader re-creates the mappings without
-    them, so until the next step ``safe_get_full_optimizer_state`` would fail."""
-    zero_opt._hp_optimizer_states_linked = False
-    zero_opt._lazy_init_hp_params_optimizer_state()
 
 
 def zero_partition_files(tag_dir: Path) -> List[Path]:
