@@ -1,6 +1,6 @@
 """The GPU kit: built here (wheels from the registry, DeepSpeed built without ops, the
 project), installed with no index into a fresh venv that holds only what a GPU host has
-preinstalled (torch, torchvision, timm, tensorboard, scipy and their requirements), where
+preinstalled (torch, torchvision, timm, tensorboard, scipy, opencv and their requirements), where
 tools/gpu_run.sh must run gpu_check.py --dry-run to the end. Built for this interpreter's
 version (the GPU host's is 3.12: `make gpu-kit`)."""
 import json

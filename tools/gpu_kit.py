@@ -32,7 +32,9 @@ from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HOST = ("torch", "torchvision", "timm", "tensorboard", "scipy")  # preinstalled on the GPU host (and cv2)
+# preinstalled on the GPU host: its opencv may be another build of cv2 than the headless wheel
+# we pin (pip check then names it; `import cv2` is what the project needs)
+HOST = ("torch", "torchvision", "timm", "tensorboard", "scipy", "opencv-python-headless")
 KIT = ("deepspeed", "webdataset", "omegaconf", "lpips")  # what the project adds to them
 BUILT_HERE = {"deepspeed"}  # an sdist whose setup.py needs torch: built against ours, no ops
 PLATFORMS = ("manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_28_x86_64", "manylinux_2_34_x86_64")
