@@ -316,9 +316,7 @@ def _teachers(method, uda_logits, night_logits):
 
 
 def _pseudo_state(method, batches):
-    from eglp_dist.methods.uda import StepState
-
-    s = StepState(it=1, batches=batches)
+    s = method.state_type(it=1, batches=batches)
     method.pseudo_label_step(s)
     return s
 
@@ -360,8 +358,6 @@ def test_fis_runs_after_dms_so_low_dnis_classes_take_nfnets_label():
 
 
 def test_nfnets_dark_mix_gets_night_patches_only_unless_asked():
-    from eglp_dist.methods.uda import StepState
-
     day_only = RareClassMemory([13], capacity=2, patch=8, min_pixels=4, num_classes=19)
     seg = torch.zeros(1, 32, 32, dtype=torch.long)
     seg[:, 4:12, 4:12] = 13
@@ -373,7 +369,7 @@ def test_nfnets_dark_mix_gets_night_patches_only_unless_asked():
     for allow, changed in ((False, False), (True, True)):
         m = _eglp_method([f"method.eglp.rcm.day_patches_to_nfnet={allow}"])
         m.rcm = day_only
-        out_img, out_seg = m.decorate_dark_mix(StepState(it=0, batches={}), img, lab)
+        out_img, out_seg = m.decorate_dark_mix(m.state_type(it=0, batches={}), img, lab)
         assert (not torch.equal(out_seg, lab)) is changed
     day_only.add(torch.randn(1, 3, 32, 32), seg, night=True, generator=g)
     _, out, _, pasted = day_only.paste(img, lab, None, 4, g, night_only=True)

@@ -68,3 +68,28 @@ def test_every_method_name_the_config_accepts_is_built():
 
     accepted = MethodConfig.__dataclass_fields__["name"].metadata["choices"]
     assert set(accepted) == set(METHODS)
+
+
+def test_each_recipe_keeps_the_phases_of_the_recipe_it_extends_in_their_order():
+    """Phases are bound methods a reader follows by name; a recipe built on another keeps
+    every phase of its base, in order (it overrides or adds, never drops), and what its
+    phases hand each other is a field of its state type (a dataclass, no free-form dict)."""
+    import dataclasses
+
+    from eglp_dist.methods import METHODS, build_method
+    from eglp_dist.runtime.env import DistEnv
+
+    names = {}
+    for name in METHODS:
+        cfg = load_config(PACKAGE_CONFIG_ROOT / "demo" / f"tiny_{name}.yaml")
+        m = build_method(cfg, DistEnv(), torch.device("cpu"))
+        phases = m.phases()
+        assert all(getattr(p, "__self__", None) is m for p in phases), name
+        names[name] = [p.__name__ for p in phases]
+        assert names[name][-1] == "optimizer_step"
+        fields = {f.name for f in dataclasses.fields(m.state_type)}
+        assert {"it", "batches", "logs", "visuals"} <= fields and "extra" not in fields
+    for child, base in (("spn", "source_only"), ("pig", "uda"), ("eglp", "pig")):
+        kept = [p for p in names[child] if p in names[base]]
+        assert kept == names[base], (child, names[child])
+    assert names["spn"] == names["source_only"]  # SPN overrides one phase, adds none

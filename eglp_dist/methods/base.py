@@ -14,11 +14,17 @@ A ``Method`` owns everything that learns or draws random numbers:
 
 The loop gives ``step(batches, it)`` one batch per stream named in ``streams`` and gets back
 detached scalar tensors to log; ``visuals()`` returns the last step's pictures for TensorBoard.
+
+Every recipe is the same shape: ``phases()`` lists the bound methods one iteration runs, in
+order, and each reads and fills one ``state_type`` instance (a dataclass: what the phases
+hand each other, every field named). A recipe built on another overrides the phases it
+changes, adds its own, and lists them; it never copies the ones it keeps.
 EGLP's NFNet is a second engine in the same process; nothing here assumes only one.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -36,10 +42,22 @@ def method_seed(seed: int, rank: int) -> int:
     return int(seed) + _RANK_STRIDE * (rank + 1)
 
 
+@dataclass
+class StepState:
+    """What every recipe's phases share in one iteration; a recipe's own hand-overs are the
+    fields of its subclass (``methods/uda.py``, ``methods/eglp.py``)."""
+    it: int
+    batches: Mapping[str, Dict[str, Any]]
+    logs: Dict[str, torch.Tensor] = field(default_factory=dict)
+    visuals: Dict[str, Optional[torch.Tensor]] = field(default_factory=dict)
+
+
 class Method:
-    """Base of every recipe: the student engine, the generator and the checkpoint plumbing."""
+    """Base of every recipe: the student engine, the generator, the checkpoint plumbing and
+    the phase loop."""
 
     streams: Tuple[str, ...] = ("source",)
+    state_type = StepState
     # streams whose labels the loop reads for diagnostics only (batch key ``gt``): UDA's
     # target when the pseudo-label IoU is on
     ground_truth_streams: Tuple[str, ...] = ()
@@ -77,8 +95,21 @@ class Method:
         return part
 
     # -- the loop's interface ------------------------------------------------------------
-    def step(self, batches: Mapping[str, Dict[str, Any]], it: int) -> Dict[str, torch.Tensor]:
+    def phases(self) -> Sequence[Callable[[StepState], None]]:
+        """One iteration's phases, in order (bound methods of this recipe)."""
         raise NotImplementedError
+
+    def step(self, batches: Mapping[str, Dict[str, Any]], it: int) -> Dict[str, torch.Tensor]:
+        s = self.state_type(it=it, batches=batches)
+        for phase in self.phases():
+            phase(s)
+        self.keep_visual(**s.visuals)
+        return s.logs
+
+    def optimizer_step(self, s: StepState) -> None:
+        """One optimiser step of every engine (the last phase of every recipe)."""
+        for engine in self.engines.values():
+            engine.step()
 
     def eval_model(self) -> nn.Module:
         """The network evaluated and exported: the student, as DAFormer/HRDA evaluate it."""

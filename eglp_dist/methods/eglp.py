@@ -27,6 +27,9 @@ docs/eglp.md says where each choice comes from.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
 from eglp_dist.eglp.dnis import DNIS, confident_labels
@@ -39,13 +42,19 @@ from eglp_dist.notices import notice
 from eglp_dist.eglp.similarity import moments
 from eglp_dist.methods.pig import PIG
 from eglp_dist.methods.pseudo_label import labels_from_probs, margin_mask
-from eglp_dist.methods.uda import StepState, require_paired_streams
+from eglp_dist.methods.uda import UDAStepState, require_paired_streams
 from eglp_dist.runtime.parts import PendingStatistics, start_reduction
 
 
+@dataclass
+class EGLPStepState(UDAStepState):
+    """UDA's hand-overs plus EGLP's: both come from the step's reduced DNIS sums."""
+    dms_weights: Optional[torch.Tensor] = None  # (K,) DMS's per-class weight of NFNet's label
+    night_shift: Optional[torch.Tensor] = None  # (K, 3) for RCM's day patches (None: no adjustment)
+
+
 class EGLP(PIG):
-    phases = ("update_teachers", "source_step", "pseudo_label_step", "mix_step", "prompt_paste_step",
-              "rcm_paste_step", "augment_step", "target_step", "night_step", "optimizer_step")
+    state_type = EGLPStepState
 
     def __init__(self, cfg, env, device):
         e = cfg.method.eglp
@@ -77,7 +86,7 @@ class EGLP(PIG):
         return ("teacher",) + (("nfnet",) if n else ()) + (("dms",) if dms else ()) + ("fused", "final")
 
     # -- statistics of the step: one collective ---------------------------------------------------
-    def start_statistics(self, s: StepState, p_uda: torch.Tensor) -> PendingStatistics:
+    def start_statistics(self, s: EGLPStepState, p_uda: torch.Tensor) -> PendingStatistics:
         """This rank's DNIS and RCM sums of the step into the step's one all-reduce (SUM),
         started now and finished where DMS needs them (after NFNet's forward, which they do
         not depend on: the wait for the other ranks hides behind it)."""
@@ -93,7 +102,12 @@ class EGLP(PIG):
         return start_reduction(parts)
 
     # -- phases ----------------------------------------------------------------------------------
-    def pseudo_label_step(self, s: StepState) -> None:
+    def phases(self):
+        return (self.update_teachers, self.source_step, self.pseudo_label_step, self.mix_step,
+                self.prompt_paste_step, self.rcm_paste_step, self.augment_step, self.target_step,
+                self.night_step, self.optimizer_step)
+
+    def pseudo_label_step(self, s: EGLPStepState) -> None:
         e, p = self.cfg.method.eglp, self.cfg.method.pseudo
         tgt = s.batches["target"]
         p_uda = torch.softmax(self.teacher_logits(self.teacher, self.student, tgt["img"]).float(), 1)
@@ -108,13 +122,14 @@ class EGLP(PIG):
         zero = torch.zeros((), device=p_uda.device)
         s.logs.update({"fusion.replaced": zero, "dms.mean_weight": zero})
         statistics.finish()
+        s.night_shift = self.night_shift()
         dnis = seen = None
         if self.dnis is not None:
             dnis, seen = self.dnis.value(), self.dnis.seen()
             s.logs.update(self.dnis.logs(dnis))
         if e.dms.enabled and dnis is not None:  # also without NFNet: the prompt paste uses them
             w = dms_weights(dnis, seen, e.dms.gamma, e.dms.max_weight, list(e.fis.protected))
-            s.extra["dms_weights"] = w
+            s.dms_weights = w
             s.logs["dms.mean_weight"] = w.mean()
         probs = p_uda
         if p_night is not None:
@@ -123,8 +138,8 @@ class EGLP(PIG):
                 if self.similarity is not None:
                     self.fuse_by_similarity(s, night)
             else:
-                if "dms_weights" in s.extra:
-                    probs = mix_probabilities(p_uda, p_night, s.extra["dms_weights"])
+                if s.dms_weights is not None:
+                    probs = mix_probabilities(p_uda, p_night, s.dms_weights)
                     s.plabel, s.pweight, confidence = labels_from_probs(probs, p.threshold, *margins)
                     self.observe(s, "dms", s.plabel, s.pweight)
                 if e.fis.enabled:
@@ -143,9 +158,9 @@ class EGLP(PIG):
         s.logs["pseudo.mean_weight"] = s.pweight.mean()
         self.observe(s, "fused", s.plabel, s.pweight)
 
-    def prompt_paste_step(self, s: StepState) -> None:
+    def prompt_paste_step(self, s: EGLPStepState) -> None:
         """DMS: prompt pixels of low-DNIS classes into the student's mixed image (weight 1)."""
-        w = s.extra.get("dms_weights")
+        w = s.dms_weights
         if w is None or self.cfg.method.eglp.dms.prompt_rate <= 0:
             return
         prompt = s.batches["prompt"]
@@ -157,7 +172,7 @@ class EGLP(PIG):
             s.mixed_gt = torch.where(mask, prompt["seg"], s.mixed_gt)
         s.logs["dms.prompt_pixels"] = mask.float().mean()
 
-    def rcm_paste_step(self, s: StepState) -> None:
+    def rcm_paste_step(self, s: EGLPStepState) -> None:
         """RCM: store this step's rare-class patches (source by day, prompt by night), then
         paste some into the student's mixed images (image and label level, weight 1)."""
         if self.rcm is None:
@@ -168,34 +183,29 @@ class EGLP(PIG):
                      counts=prompt.get("label_counts"))
         s.mixed_img, s.mixed_seg, s.mixed_weight, pasted = self.rcm.paste(
             s.mixed_img, s.mixed_seg, s.mixed_weight, self.cfg.method.eglp.rcm.paste_per_image,
-            self.generator, self.night_shift(s), self.mean, self.std)
+            self.generator, s.night_shift, self.mean, self.std)
         if s.mixed_gt is not None:
             s.mixed_gt = torch.where(pasted, s.mixed_seg, s.mixed_gt)
         s.logs["rcm.pasted_pixels"] = pasted.float().mean()
         s.logs["rcm.bank_fill"] = self.rcm.filled.float().mean() / self.rcm.capacity
 
-    def decorate_dark_mix(self, s: StepState, img, seg):
+    def decorate_dark_mix(self, s: EGLPStepState, img, seg):
         """Rare-class patches into NFNet's dark mix: night (prompt) patches only, unless
         ``rcm.day_patches_to_nfnet`` (then day patches moved towards night as for the student)."""
         if self.rcm is None:
             return img, seg
         day_too = self.cfg.method.eglp.rcm.day_patches_to_nfnet
         img, seg, _, _ = self.rcm.paste(img, seg, None, self.cfg.method.eglp.rcm.paste_per_image,
-                                        self.generator, self.night_shift(s) if day_too else None,
+                                        self.generator, s.night_shift if day_too else None,
                                         self.mean, self.std, night_only=not day_too)
         return img, seg
 
-    def night_shift(self, s: StepState):
+    def night_shift(self) -> Optional[torch.Tensor]:
         """(K, 3) night-minus-day mean log intensity per class from DNIS's sums (classes seen on
         both sides; the others get the mean shift of the seen ones), or None (no adjustment).
-        Computed once per step (both pastes use it; the sums do not change in between)."""
-        if self.dnis is None or not self.cfg.method.eglp.rcm.night_adjust:
+        Once per step, after the step's sums are in (both pastes use it)."""
+        if self.rcm is None or self.dnis is None or not self.cfg.method.eglp.rcm.night_adjust:
             return None
-        if "night_shift" not in s.extra:
-            s.extra["night_shift"] = self._night_shift()
-        return s.extra["night_shift"]
-
-    def _night_shift(self):
         _, day, _ = moments(self.dnis.sums[0])
         _, night, _ = moments(self.dnis.sums[1])
         shift = (night - day)[:, :3].float()

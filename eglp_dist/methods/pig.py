@@ -27,7 +27,7 @@ from eglp_dist.eglp.nfnet import dark_mix, uses_ams
 from eglp_dist.eglp.similarity import build_similarity
 from eglp_dist.errors import ConfigError
 from eglp_dist.methods.mic import block_mask
-from eglp_dist.methods.uda import UDA, StepState, require_paired_streams
+from eglp_dist.methods.uda import UDA, UDAStepState, require_paired_streams
 from eglp_dist.models import build_segmentor
 
 
@@ -43,8 +43,6 @@ def derived_node(base, overrides, key: str):
 
 class PIG(UDA):
     streams = ("source", "target", "prompt")
-    phases = ("update_teachers", "source_step", "pseudo_label_step", "mix_step", "augment_step",
-              "target_step", "night_step", "optimizer_step")
 
     def __init__(self, cfg, env, device):
         super().__init__(cfg, env, device)
@@ -73,12 +71,16 @@ class PIG(UDA):
         return ("teacher",) + (("nfnet", "fused") if fused else ()) + ("final",)
 
     # -- phases that differ from UDA -------------------------------------------------------
-    def update_teachers(self, s: StepState) -> None:
+    def phases(self):
+        return (self.update_teachers, self.source_step, self.pseudo_label_step, self.mix_step,
+                self.augment_step, self.target_step, self.night_step, self.optimizer_step)
+
+    def update_teachers(self, s: UDAStepState) -> None:
         super().update_teachers(s)
         if self.nfnet is not None and s.it > 0:
             self.nfnet_teacher.update(self.nfnet.model, s.it)
 
-    def pseudo_label_step(self, s: StepState) -> None:
+    def pseudo_label_step(self, s: UDAStepState) -> None:
         super().pseudo_label_step(s)
         if self.similarity is not None:
             night = self.night_label(s.batches["target"]["img"])
@@ -86,7 +88,7 @@ class PIG(UDA):
             self.observe(s, "nfnet", night)
             self.observe(s, "fused", s.plabel, s.pweight)
 
-    def fuse_by_similarity(self, s: StepState, night) -> None:
+    def fuse_by_similarity(self, s: UDAStepState, night) -> None:
         """PIG's fusion of ``s.plabel`` (the UDA teacher's label) with the NFNet teacher's
         (``night``): the ``top_k`` least similar classes of each image, protected classes
         excepted."""
@@ -98,7 +100,7 @@ class PIG(UDA):
         s.logs["fusion.replaced"] = (fused != s.plabel).float().mean()
         s.plabel = fused
 
-    def night_step(self, s: StepState) -> None:
+    def night_step(self, s: UDAStepState) -> None:
         """NFNet's losses: the prompt crop with its ground truth, then the dark mix."""
         if self.nfnet is None:
             return
@@ -126,7 +128,7 @@ class PIG(UDA):
         """The NFNet teacher's label: argmax of its pseudo-label forward, no threshold."""
         return self.teacher_logits(self.nfnet_teacher, self.nfnet, images).argmax(1)
 
-    def decorate_dark_mix(self, s: StepState, img, seg):
+    def decorate_dark_mix(self, s: UDAStepState, img, seg):
         """What a recipe adds to the dark mix before its colour augmentation (PIG: nothing;
         EGLP: rare-class patches)."""
         return img, seg

@@ -1,30 +1,39 @@
 """Source-only baseline: supervised cross-entropy on the labelled source stream.
 
-One step is two phases: :meth:`SourceOnly.augment_source` (none here: DAFormer/HRDA's source
-pipeline is geometric only, done by the data engine) and the supervised update. SPN's
-domain-generalisation recipe overrides the first (``methods/spn.py``).
+Three phases: ``augment_source_step`` (nothing here: DAFormer/HRDA's source pipeline is
+geometric only, done by the data engine), ``source_step`` (the supervised loss; backward)
+and ``optimizer_step``. SPN's domain-generalisation recipe overrides the first
+(``methods/spn.py``).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-from eglp_dist.methods.base import Method
+from eglp_dist.methods.base import Method, StepState
+
+
+@dataclass
+class SourceStepState(StepState):
+    img: Optional[torch.Tensor] = None  # the source images the student trains on (augmented)
 
 
 class SourceOnly(Method):
     streams = ("source",)
+    state_type = SourceStepState
 
-    def augment_source(self, img: torch.Tensor) -> torch.Tensor:
-        """Photometric augmentation of the source batch on the device (identity here)."""
-        return img
+    def phases(self):
+        return (self.augment_source_step, self.source_step, self.optimizer_step)
 
-    def step(self, batches: Mapping[str, Dict[str, Any]], it: int) -> Dict[str, torch.Tensor]:
-        src = batches["source"]
-        img = self.augment_source(src["img"])
-        outputs, losses, logs = self.train_forward(self.student, img, src["seg"])
+    def augment_source_step(self, s: SourceStepState) -> None:
+        """Photometric augmentation of the source batch on the device (none here)."""
+        s.img = s.batches["source"]["img"]
+
+    def source_step(self, s: SourceStepState) -> None:
+        seg = s.batches["source"]["seg"]
+        outputs, losses, logs = self.train_forward(self.student, s.img, seg)
         self.student.backward(losses["loss"])
-        self.student.step()
-        self.keep_visual(src_img=img, src_seg=src["seg"], src_pred=outputs["logits"][:1].argmax(1))
-        return logs
+        s.logs.update(logs)
+        s.visuals.update(src_img=s.img, src_seg=seg, src_pred=outputs["logits"][:1].argmax(1))

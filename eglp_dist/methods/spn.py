@@ -11,7 +11,7 @@ What the recipe is made of, and where each part lives:
   ``model.spn.enabled=false``: the same DeepLabV3+ ResNet-50 on one resolution, no prompts;
 * class-uniform sampling: the data engine's ``class_uniform`` mode (``data/sampling.py``);
 * random scale, crop and flip: the source stream's pipeline (``data.source``);
-* colour jitter and blur: the one phase this recipe overrides, :meth:`SPN.augment_source`
+* colour jitter and blur: the one phase this recipe overrides, :meth:`SPN.augment_source_step`
   (``methods/dg_aug.py``, RobustNet's values);
 * SGD with momentum and poly decay: the ``optim``/``schedule`` nodes of the config.
 
@@ -19,11 +19,9 @@ The sources of every value are in ``docs/spn.md``.
 """
 from __future__ import annotations
 
-import torch
-
 from eglp_dist.errors import ConfigError
 from eglp_dist.methods.dg_aug import photometric_augment
-from eglp_dist.methods.source_only import SourceOnly
+from eglp_dist.methods.source_only import SourceOnly, SourceStepState
 
 
 def check_dg_aug(c, key: str = "method.dg_aug") -> None:
@@ -40,8 +38,7 @@ class SPN(SourceOnly):
         check_dg_aug(cfg.method.dg_aug)
         super().__init__(cfg, env, device)
 
-    def augment_source(self, img: torch.Tensor) -> torch.Tensor:
-        c = self.cfg.method.dg_aug
-        if not c.enabled:
-            return img
-        return photometric_augment(img, self.mean, self.std, self.generator, c)
+    def augment_source_step(self, s: SourceStepState) -> None:
+        """RobustNet's colour jitter and blur of the source batch (``method.dg_aug``)."""
+        c, img = self.cfg.method.dg_aug, s.batches["source"]["img"]
+        s.img = photometric_augment(img, self.mean, self.std, self.generator, c) if c.enabled else img

@@ -21,14 +21,14 @@ and 5 are HRDA's context + detail training forward and step 3 HRDA's pseudo-labe
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from eglp_dist.runtime.ema import EMATeacher
 from eglp_dist.errors import ConfigError
-from eglp_dist.methods.base import Method
+from eglp_dist.methods.base import Method, StepState
 from eglp_dist.methods.classmix import class_masks, mix
 from eglp_dist.methods.feature_distance import feature_distance_loss
 from eglp_dist.methods.mic import block_mask
@@ -37,8 +37,20 @@ from eglp_dist.methods.pseudo_label import pseudo_labels
 from eglp_dist.methods.strong_aug import strong_augment
 
 
+@dataclass
+class UDAStepState(StepState):
+    """What UDA's phases hand each other (filled as they run)."""
+    plabel: Optional[torch.Tensor] = None  # (B, H, W) long: the label the student learns on the target
+    pweight: Optional[torch.Tensor] = None  # (B, H, W) float: its per-pixel weight
+    mixed_img: Optional[torch.Tensor] = None
+    mixed_seg: Optional[torch.Tensor] = None
+    mixed_weight: Optional[torch.Tensor] = None
+    mixed_gt: Optional[torch.Tensor] = None  # ground truth under mixed_seg (the diagnostic only)
+
+
 class UDA(Method):
     streams = ("source", "target")
+    state_type = UDAStepState
 
     def __init__(self, cfg, env, device):
         super().__init__(cfg, env, device)
@@ -64,7 +76,7 @@ class UDA(Method):
     def counters(self) -> list:
         return [self.pseudo_iou] if self.pseudo_iou is not None else []
 
-    def observe(self, s: "StepState", source: str, label, weight=None, gt=None) -> None:
+    def observe(self, s: UDAStepState, source: str, label, weight=None, gt=None) -> None:
         """Count one pseudo-label source against the target's ground truth (when the
         diagnostic is on; ``gt`` defaults to the target batch's)."""
         if self.pseudo_iou is None:
@@ -101,24 +113,18 @@ class UDA(Method):
         return pseudo_labels(logits, p.threshold, p.ignore_top, p.ignore_bottom, p.ignore_left, p.ignore_right)
 
     # -- one iteration, as named phases ---------------------------------------------------
-    # A recipe is the list of its phases; a subclass overrides the phases it changes (or
-    # inserts its own) and inherits the rest, so PIG/EGLP never copy this step.
-    phases = ("update_teachers", "source_step", "pseudo_label_step", "mix_step", "augment_step",
-              "target_step", "optimizer_step")
+    # A subclass overrides the phases it changes (or adds its own) and lists them, so
+    # PIG/EGLP never copy this step.
+    def phases(self):
+        return (self.update_teachers, self.source_step, self.pseudo_label_step, self.mix_step,
+                self.augment_step, self.target_step, self.optimizer_step)
 
-    def step(self, batches: Mapping[str, Dict[str, Any]], it: int) -> Dict[str, torch.Tensor]:
-        s = StepState(it=it, batches=batches)
-        for phase in self.phases:
-            getattr(self, phase)(s)
-        self.keep_visual(**s.visuals)
-        return s.logs
-
-    def update_teachers(self, s: "StepState") -> None:
+    def update_teachers(self, s: UDAStepState) -> None:
         """EMA teachers move towards their students before they label (DAFormer's order)."""
         if s.it > 0:
             self.teacher.update(self.student.model, s.it)
 
-    def source_step(self, s: "StepState") -> None:
+    def source_step(self, s: UDAStepState) -> None:
         """Supervised loss on the source batch (+ ImageNet feature distance); backward."""
         src = s.batches["source"]
         out, losses, logs = self.train_forward(self.student, src["img"], src["seg"], prefix="src")
@@ -131,14 +137,14 @@ class UDA(Method):
         s.logs.update(logs)
         s.visuals.update(src_img=src["img"], src_seg=src["seg"], src_pred=out["logits"][:1].argmax(1))
 
-    def pseudo_label_step(self, s: "StepState") -> None:
+    def pseudo_label_step(self, s: UDAStepState) -> None:
         """The teacher's labels and confidence weights of the target batch."""
         tgt = s.batches["target"]
         s.plabel, s.pweight, confidence = self.pseudo_label(tgt["img"])
         s.logs["pseudo.confidence"] = confidence.mean()
         self.observe(s, "teacher", s.plabel, s.pweight)
 
-    def mix_step(self, s: "StepState") -> None:
+    def mix_step(self, s: UDAStepState) -> None:
         """ClassMix of source classes onto the target (labels and weights by the same mask)."""
         src, tgt = s.batches["source"], s.batches["target"]
         if self.cfg.method.mix.enabled:
@@ -154,11 +160,11 @@ class UDA(Method):
             if self.pseudo_iou is not None:
                 s.mixed_gt = target_ground_truth(tgt)
 
-    def augment_step(self, s: "StepState") -> None:
+    def augment_step(self, s: UDAStepState) -> None:
         """Colour jitter and blur of the mixed images (after everything is pasted in)."""
         s.mixed_img = self.augment(s.mixed_img)
 
-    def target_step(self, s: "StepState") -> None:
+    def target_step(self, s: UDAStepState) -> None:
         """Weighted loss on the mixed images (+ MIC's masked target); backward."""
         m = self.cfg.method
         tgt = s.batches["target"]
@@ -181,10 +187,6 @@ class UDA(Method):
         s.visuals.update(tgt_img=tgt["img"], tgt_pseudo=s.plabel, tgt_seg=tgt.get("seg"),
                          mix_img=s.mixed_img, mix_seg=s.mixed_seg, mix_pred=out["logits"][:1].argmax(1))
 
-    def optimizer_step(self, s: "StepState") -> None:
-        for engine in self.engines.values():
-            engine.step()
-
 
 def require_paired_streams(data, a: str, b: str, key: str, why: str) -> None:
     """Streams ``a`` and ``b`` whose images a phase pairs one to one: the same batch_size and
@@ -203,19 +205,3 @@ def target_ground_truth(batch) -> torch.Tensor:
     if gt is None:
         raise RuntimeError("the pseudo-label diagnostic is on but the target batch has no labels")
     return gt
-
-
-@dataclass
-class StepState:
-    """What the phases of one iteration hand each other (filled as they run)."""
-    it: int
-    batches: Mapping[str, Dict[str, Any]]
-    logs: Dict[str, torch.Tensor] = field(default_factory=dict)
-    visuals: Dict[str, Optional[torch.Tensor]] = field(default_factory=dict)
-    plabel: Optional[torch.Tensor] = None  # (B, H, W) long: the label the student learns on the target
-    pweight: Optional[torch.Tensor] = None  # (B, H, W) float: its per-pixel weight
-    mixed_img: Optional[torch.Tensor] = None
-    mixed_seg: Optional[torch.Tensor] = None
-    mixed_weight: Optional[torch.Tensor] = None
-    mixed_gt: Optional[torch.Tensor] = None  # ground truth under mixed_seg (the diagnostic only)
-    extra: Dict[str, Any] = field(default_factory=dict)  # a recipe's own hand-overs
