@@ -12,9 +12,9 @@ from dist_harness import run_ranks, train_with_method, train_worker
 from eglp_dist.config import PACKAGE_CONFIG_ROOT, load_config
 from eglp_dist.data import synth
 from eglp_dist.data.labels import CLASS_INDEX, CLASSES
-from eglp_dist.eglp.dnis import DNIS
-from eglp_dist.eglp.fusion import dms_weights, fis_classes, mix_probabilities, prompt_class_masks
-from eglp_dist.eglp.rcm import ClassConfidence, RareClassMemory
+from eglp_dist.methods.parts.dnis import DNIS
+from eglp_dist.methods.parts.fusion import dms_weights, fis_classes, mix_probabilities, prompt_class_masks
+from eglp_dist.methods.parts.rcm import ClassConfidence, RareClassMemory
 from eglp_dist.runtime.parts import start_reduction
 
 EGLP = PACKAGE_CONFIG_ROOT / "demo" / "tiny_eglp.yaml"
@@ -174,7 +174,7 @@ def test_rcm_stores_the_images_own_windows_around_random_pixels_of_the_class():
     """Each stored window is an image's own pixels around one pixel of the class, its mask
     that class's pixels there; the loader's host counts and the device-counted fallback store
     the same (no host sync needed); over many draws the centre is many different pixels."""
-    from eglp_dist.eglp.rcm import label_counts
+    from eglp_dist.methods.parts.rcm import label_counts
 
     g = torch.Generator().manual_seed(3)
     segs = torch.randint(0, 19, (3, 40, 56), generator=g)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from eglp_dist.runtime.ema import EMATeacher, ema_alpha
+from eglp_dist.methods.parts.ema import EMATeacher, ema_alpha
 from tiny_models import make_tiny
 
 

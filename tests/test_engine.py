@@ -88,7 +88,7 @@ def test_gradient_accumulation_equals_the_whole_batch(kind):
 def _two_engines_and_teacher(env):
     """EGLP's shape: student and NFNet, two optimised models with different engines, plus an
     EMA teacher of the student, interleaved in one process."""
-    from eglp_dist.runtime.ema import EMATeacher
+    from eglp_dist.methods.parts.ema import EMATeacher
 
     student = _engine(env, "zero2", seed=0)
     nfnet = _engine(env, "ddp", seed=1, lr=5e-3)
@@ -134,7 +134,7 @@ def _checkpoint_round_trip(env, kind, tmp):
     from pathlib import Path
 
     from eglp_dist.runtime.checkpoint import find_latest, load_checkpoint, save_checkpoint
-    from eglp_dist.runtime.ema import EMATeacher
+    from eglp_dist.methods.parts.ema import EMATeacher
     from eglp_dist.runtime.engine import export_fp32
 
     root = Path(tmp) / kind

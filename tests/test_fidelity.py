@@ -6,7 +6,7 @@ from dist_harness import run_ranks
 from eglp_dist.config import PACKAGE_CONFIG_ROOT, load_config
 from eglp_dist.data.augment import Augmenter
 from eglp_dist.data.sampling import Pick
-from eglp_dist.methods.pseudo_label import pseudo_labels
+from eglp_dist.methods.parts.pseudo_label import pseudo_labels
 
 
 def test_rare_class_sampling_tries_the_first_crop_and_ten_more_as_daformer():
@@ -76,7 +76,7 @@ def test_mic_weight_scales_only_the_masked_decode_loss():
 
 
 def _teacher_bn(env):
-    from eglp_dist.runtime.ema import EMATeacher
+    from eglp_dist.methods.parts.ema import EMATeacher
 
     torch.manual_seed(0)
     student = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))

@@ -224,7 +224,7 @@ def test_pixel_accuracy_without_mask_indexing_is_the_same():
 
 
 def test_label_downscaling_by_scatter_add_equals_bincount():
-    from eglp_dist.methods.feature_distance import downscale_label_ratio
+    from eglp_dist.methods.parts.feature_distance import downscale_label_ratio
 
     g = torch.Generator().manual_seed(1)
     seg = torch.randint(0, 6, (3, 32, 48), generator=g)
@@ -246,7 +246,7 @@ def test_classmix_with_the_loaders_counts_draws_the_same_masks():
     import numpy as np
 
     from eglp_dist.data.planning import collate_segs
-    from eglp_dist.methods.classmix import class_masks
+    from eglp_dist.methods.parts.classmix import class_masks
 
     rng = np.random.default_rng(0)
     crops = [rng.integers(0, 19, (24, 32)).astype(np.uint8), np.full((16, 32), 3, np.uint8)]

@@ -9,8 +9,8 @@ import torch
 
 from dist_harness import run_ranks, train_worker
 from eglp_dist.config import PACKAGE_CONFIG_ROOT, load_config
-from eglp_dist.eglp.fusion import fuse_labels, top_k_classes
-from eglp_dist.eglp.nfnet import dark_mix, uses_ams
+from eglp_dist.methods.parts.fusion import fuse_labels, top_k_classes
+from eglp_dist.methods.parts.nfnet import dark_mix, uses_ams
 from eglp_dist.errors import ConfigError
 
 PIG = PACKAGE_CONFIG_ROOT / "demo" / "tiny_pig.yaml"
@@ -68,7 +68,7 @@ def test_fusion_replaces_exactly_the_selected_classes_and_never_a_protected_one(
 
 
 def test_stats_similarity_scores_classes_by_their_appearance_change():
-    from eglp_dist.eglp.similarity import StatsSimilarity
+    from eglp_dist.methods.parts.similarity import StatsSimilarity
 
     mean, std = [0.0] * 3, [255.0] * 3  # images in [0, 1]
     seg = torch.zeros(1, 8, 8, dtype=torch.long)
@@ -84,7 +84,7 @@ def test_stats_similarity_scores_classes_by_their_appearance_change():
 def test_lpips_similarity_needs_a_local_alexnet_file_and_works_with_one(tmp_path):
     import torchvision
 
-    from eglp_dist.eglp.similarity import LpipsSimilarity
+    from eglp_dist.methods.parts.similarity import LpipsSimilarity
 
     with pytest.raises(ConfigError, match="method.fusion.lpips_alexnet"):
         LpipsSimilarity(None, 19, "cpu")
@@ -106,7 +106,7 @@ def test_lpips_similarity_needs_a_local_alexnet_file_and_works_with_one(tmp_path
 
 
 def _pig_step_contracts(env):
-    from eglp_dist.runtime.ema import ema_alpha
+    from eglp_dist.methods.parts.ema import ema_alpha
     from eglp_dist.methods import build_method
 
     cfg = load_config(PIG, SMALL)

@@ -11,7 +11,7 @@ from dist_harness import run_ranks, train_with_method
 from eglp_dist.config import PACKAGE_CONFIG_ROOT, load_config
 from eglp_dist.data.labels import CLASSES
 from eglp_dist.logging import Monitor
-from eglp_dist.methods.pseudo_iou import PseudoLabelIoU
+from eglp_dist.methods.parts.pseudo_iou import PseudoLabelIoU
 
 UDA = PACKAGE_CONFIG_ROOT / "demo" / "tiny_uda.yaml"
 EGLP = PACKAGE_CONFIG_ROOT / "demo" / "tiny_eglp.yaml"
@@ -150,7 +150,7 @@ def test_eglp_with_the_diagnostic_trains_bit_for_bit_as_without(tiny_shards, tmp
 
 def test_on_without_labels_is_an_error_naming_the_key(tiny_shards):
     from eglp_dist.errors import ConfigError
-    from eglp_dist.methods.pseudo_iou import build_pseudo_iou
+    from eglp_dist.methods.parts.pseudo_iou import build_pseudo_iou
 
     cfg = load_config(UDA, ["method.diagnostics.pseudo_label_iou=true"])
     with pytest.raises(ConfigError, match="method.diagnostics.pseudo_label_iou=true"):

@@ -71,7 +71,7 @@ def test_class_uniform_share_follows_the_configured_percentage():
 # ------------------------------------------------------------------ RobustNet's augmentation
 
 def test_blur_is_scipys_gaussian_filter_with_nearest_borders():
-    from eglp_dist.methods.dg_aug import gaussian_blur_nearest
+    from eglp_dist.methods.parts.dg_aug import gaussian_blur_nearest
 
     img = torch.rand(3, 40, 56, dtype=torch.float64)
     for sigma in (0.15, 0.7, 1.3):
@@ -85,7 +85,7 @@ def test_photometric_augmentation_is_torchvisions_jitter_and_replays_from_the_ge
     from torchvision.transforms.v2 import functional as TF
 
     from eglp_dist.methods.config import DGAugConfig
-    from eglp_dist.methods.dg_aug import N_UNIFORMS, photometric_augment
+    from eglp_dist.methods.parts.dg_aug import N_UNIFORMS, photometric_augment
 
     cfg = DGAugConfig(jitter_p=1.0, blur_p=0.0)
     x01 = torch.rand(2, 3, 16, 16)

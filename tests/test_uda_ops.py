@@ -9,12 +9,12 @@ from collections import Counter
 import pytest
 import torch
 
-from eglp_dist.methods.classmix import class_masks, mix
-from eglp_dist.methods.feature_distance import downscale_label_ratio, feature_distance_loss
-from eglp_dist.methods.mic import block_mask
-from eglp_dist.methods.pseudo_label import pseudo_labels
-from eglp_dist.methods import strong_aug as sa
-from eglp_dist.methods.strong_aug import strong_augment
+from eglp_dist.methods.parts.classmix import class_masks, mix
+from eglp_dist.methods.parts.feature_distance import downscale_label_ratio, feature_distance_loss
+from eglp_dist.methods.parts.mic import block_mask
+from eglp_dist.methods.parts.pseudo_label import pseudo_labels
+from eglp_dist.methods.parts import strong_aug as sa
+from eglp_dist.methods.parts.strong_aug import strong_augment
 
 MEAN = [123.675, 116.28, 103.53]
 STD = [58.395, 57.12, 57.375]

@@ -98,7 +98,7 @@ EGLP_RARE = [6, 7, 11, 12, 13, 14, 15, 16, 17, 18]
 
 @dataclass
 class DNISConfig:
-    """Day-Night Image Similarity per class (eglp/dnis.py)."""
+    """Day-Night Image Similarity per class (methods/parts/dnis.py)."""
     enabled: bool = True
     momentum: float = probability(0.99)  # EMA of the class sums over steps
     temperature: float = positive(0.5)  # DNIS = exp(-distance / temperature)
@@ -129,7 +129,7 @@ class DMSConfig:
 
 @dataclass
 class RCMConfig:
-    """Rare Class Memory (eglp/rcm.py)."""
+    """Rare Class Memory (methods/parts/rcm.py)."""
     enabled: bool = True
     classes: List[int] = class_list(EGLP_RARE)
     capacity: int = positive(32)  # patches per class
@@ -137,7 +137,7 @@ class RCMConfig:
     min_pixels: int = positive(64)  # a class needs this many pixels in an image to be stored
     paste_per_image: int = non_negative(2)
     night_adjust: bool = True  # day patches moved towards night photometry (DNIS's shift)
-    class_thresholds: bool = True  # label level: confident rare-class pixels weigh 1 (eglp/rcm.py)
+    class_thresholds: bool = True  # label level: confident rare-class pixels weigh 1 (methods/parts/rcm.py)
     momentum: float = probability(0.99)  # EMA of the confidence sums
     day_patches_to_nfnet: bool = False  # NFNet's dark mix gets night (prompt) patches only
 
@@ -152,7 +152,7 @@ class EGLPConfig:
 
 @dataclass
 class DGAugConfig:
-    """SPN's photometric augmentation of the source (methods/dg_aug.py): RobustNet's GTAV
+    """SPN's photometric augmentation of the source (methods/parts/dg_aug.py): RobustNet's GTAV
     baseline, torchvision ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.5 and Gaussian blur with
     sigma ~ U(0.15, 1.3) on every image (``datasets/__init__.py:74-81``)."""
     enabled: bool = True
@@ -167,7 +167,7 @@ class DGAugConfig:
 
 @dataclass
 class DiagnosticsConfig:
-    """Measurements that never touch the loss (methods/pseudo_iou.py)."""
+    """Measurements that never touch the loss (methods/parts/pseudo_iou.py)."""
     # pseudo-label IoU of every pseudo-label source against the target's ground truth:
     # null (auto) = on when the target's shards hold labels; true = an error if they do not
     pseudo_label_iou: Optional[bool] = None

@@ -32,16 +32,16 @@ from typing import Optional
 
 import torch
 
-from eglp_dist.eglp.dnis import DNIS, confident_labels
-from eglp_dist.eglp.fusion import (dms_weights, fis_classes, fuse_labels, mix_probabilities,
+from eglp_dist.methods.parts.dnis import DNIS, confident_labels
+from eglp_dist.methods.parts.fusion import (dms_weights, fis_classes, fuse_labels, mix_probabilities,
                                    prompt_class_masks)
-from eglp_dist.eglp.rcm import ClassConfidence, RareClassMemory, rare_pixel_weights
+from eglp_dist.methods.parts.rcm import ClassConfidence, RareClassMemory, rare_pixel_weights
 from eglp_dist.device_constants import class_mask
 from eglp_dist.errors import ConfigError
 from eglp_dist.notices import notice
-from eglp_dist.eglp.similarity import moments
+from eglp_dist.methods.parts.similarity import moments
 from eglp_dist.methods.pig import PIG
-from eglp_dist.methods.pseudo_label import labels_from_probs, margin_mask
+from eglp_dist.methods.parts.pseudo_label import labels_from_probs, margin_mask
 from eglp_dist.methods.uda import UDAStepState, require_paired_streams
 from eglp_dist.runtime.parts import PendingStatistics, start_reduction
 

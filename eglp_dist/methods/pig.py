@@ -21,12 +21,12 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-from eglp_dist.runtime.ema import EMATeacher
-from eglp_dist.eglp.fusion import fuse_labels, top_k_classes
-from eglp_dist.eglp.nfnet import dark_mix, uses_ams
-from eglp_dist.eglp.similarity import build_similarity
+from eglp_dist.methods.parts.ema import EMATeacher
+from eglp_dist.methods.parts.fusion import fuse_labels, top_k_classes
+from eglp_dist.methods.parts.nfnet import dark_mix, uses_ams
+from eglp_dist.methods.parts.similarity import build_similarity
 from eglp_dist.errors import ConfigError
-from eglp_dist.methods.mic import block_mask
+from eglp_dist.methods.parts.mic import block_mask
 from eglp_dist.methods.uda import UDA, UDAStepState, require_paired_streams
 from eglp_dist.models import build_segmentor
 

@@ -12,7 +12,7 @@ What the recipe is made of, and where each part lives:
 * class-uniform sampling: the data engine's ``class_uniform`` mode (``data/sampling.py``);
 * random scale, crop and flip: the source stream's pipeline (``data.source``);
 * colour jitter and blur: the one phase this recipe overrides, :meth:`SPN.augment_source_step`
-  (``methods/dg_aug.py``, RobustNet's values);
+  (``methods/parts/dg_aug.py``, RobustNet's values);
 * SGD with momentum and poly decay: the ``optim``/``schedule`` nodes of the config.
 
 The sources of every value are in ``docs/spn.md``.
@@ -20,7 +20,7 @@ The sources of every value are in ``docs/spn.md``.
 from __future__ import annotations
 
 from eglp_dist.errors import ConfigError
-from eglp_dist.methods.dg_aug import photometric_augment
+from eglp_dist.methods.parts.dg_aug import photometric_augment
 from eglp_dist.methods.source_only import SourceOnly, SourceStepState
 
 

@@ -26,15 +26,15 @@ from typing import Optional
 
 import torch
 
-from eglp_dist.runtime.ema import EMATeacher
+from eglp_dist.methods.parts.ema import EMATeacher
 from eglp_dist.errors import ConfigError
 from eglp_dist.methods.base import Method, StepState
-from eglp_dist.methods.classmix import class_masks, mix
-from eglp_dist.methods.feature_distance import feature_distance_loss
-from eglp_dist.methods.mic import block_mask
-from eglp_dist.methods.pseudo_iou import build_pseudo_iou
-from eglp_dist.methods.pseudo_label import pseudo_labels
-from eglp_dist.methods.strong_aug import strong_augment
+from eglp_dist.methods.parts.classmix import class_masks, mix
+from eglp_dist.methods.parts.feature_distance import feature_distance_loss
+from eglp_dist.methods.parts.mic import block_mask
+from eglp_dist.methods.parts.pseudo_iou import build_pseudo_iou
+from eglp_dist.methods.parts.pseudo_label import pseudo_labels
+from eglp_dist.methods.parts.strong_aug import strong_augment
 
 
 @dataclass
@@ -70,7 +70,7 @@ class UDA(Method):
     # -- the pseudo-label diagnostic (never touches a loss) -----------------------------
     @staticmethod
     def pseudo_label_sources(cfg) -> tuple:
-        """The pseudo-label sources this recipe has, from its config (methods/pseudo_iou.py)."""
+        """The pseudo-label sources this recipe has, from its config (methods/parts/pseudo_iou.py)."""
         return ("teacher", "final")
 
     def counters(self) -> list:

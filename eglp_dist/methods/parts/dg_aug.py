@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from eglp_dist.device_constants import constant, to_device_async
-from eglp_dist.methods.strong_aug import gaussian_kernel1d
+from eglp_dist.methods.parts.strong_aug import gaussian_kernel1d
 
 N_UNIFORMS = 11  # apply-jitter, apply-blur, 4 factors, 4 order keys, sigma
 

@@ -6,7 +6,7 @@ weights follow it) but publishes no formula; this is ours, built to the house ru
 * **What is compared**: per class c, the appearance of c by day (source pixels whose ground
   truth is c) and by night (prompt pixels whose ground truth is c, and target pixels whose
   pseudo-label is c with confidence >= ``min_confidence``). Appearance = the four pixel
-  features of :func:`~eglp_dist.eglp.similarity.pixel_features` (log-intensity R, G, B and
+  features of :func:`~eglp_dist.methods.parts.similarity.pixel_features` (log-intensity R, G, B and
   their Sobel gradient magnitude).
 * **Kept as sums**: per side and class, [count, sum, sum of squares] of each feature, in
   float64. One step's sums of both sides (``local_sums``) go into the step's one all-reduce
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from eglp_dist.data.labels import CLASSES
-from eglp_dist.eglp.similarity import (NUM_FEATURES, binned_sums, class_bins, flat_pixels, pixel_features,
+from eglp_dist.methods.parts.similarity import (NUM_FEATURES, binned_sums, class_bins, flat_pixels, pixel_features,
                                        stats_distance)
 
 WIDTH = 1 + 2 * NUM_FEATURES  # count, sums, sums of squares
