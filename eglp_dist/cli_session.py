@@ -13,7 +13,7 @@ from typing import Any, Dict, Iterator, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from eglp_dist.runtime.engine import autocast_dtype
+from eglp_dist.runtime.precision import autocast_dtype
 from eglp_dist.weights import load_into, load_weights, resolve_checkpoint_dir
 
 

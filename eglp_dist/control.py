@@ -8,9 +8,10 @@ all-reduced (MAX) once after each iteration, and all ranks act on the same step 
 a checkpoint, then leave with :data:`EXIT_PREEMPTED`. The same reduction carries the "this
 step was skipped" flag, so the counting of bad steps cannot drift between ranks.
 
-Bad steps are detected where the gradients are whole (``runtime/engine.py``): under DDP after
-the gradient all-reduce (a NaN on one rank is a NaN on every rank), under ZeRO by DeepSpeed's
-own global gradient-norm check; the optimizer step is then skipped, and
+Bad steps are detected where the gradients are whole (``runtime/ddp_engine.py``,
+``runtime/zero_engine.py``): under DDP after the gradient all-reduce (a NaN on one rank is
+a NaN on every rank), under ZeRO by DeepSpeed's own global gradient-norm check; the
+optimizer step is then skipped, and
 ``trainer.guard.max_bad_steps`` in a row stop the run after a checkpoint of the last good
 weights (those of the skipped steps are never applied).
 """

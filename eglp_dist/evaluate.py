@@ -36,7 +36,7 @@ from eglp_dist.cli_session import cli_session, eval_targets
 from eglp_dist.data.labels import CLASSES, NUM_CLASSES
 from eglp_dist.data.planning import to_device
 from eglp_dist.runtime import comm
-from eglp_dist.runtime.engine import autocast
+from eglp_dist.runtime.precision import autocast
 from eglp_dist.errors import DataError
 from eglp_dist.metrics import ConfusionMeter, SegMetrics, format_table, metrics_from_confusion
 

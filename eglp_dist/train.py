@@ -28,7 +28,7 @@ from eglp_dist.data.loader import build_eval_loader, build_train_stream
 from eglp_dist.runtime import comm
 from eglp_dist.runtime.checkpoint import (find_latest, load_checkpoint, read_run_state, resolve_checkpoint,
                                       save_checkpoint, saved_world_size)
-from eglp_dist.runtime.engine import autocast_dtype
+from eglp_dist.runtime.precision import autocast_dtype
 from eglp_dist.runtime.env import detect_env, init_distributed, shutdown
 from eglp_dist.errors import ConfigError
 from eglp_dist.methods import build_method

@@ -105,7 +105,7 @@ def load_weights(checkpoint: os.PathLike | str, engine: str = "student") -> Stat
     the checkpoint (an EMA teacher in ``modules.pt``) is read from there. Needs no process
     group. Errors are DataErrors naming the path and the problem.
     """
-    from eglp_dist.runtime.engine import export_fp32
+    from eglp_dist.runtime.engines import export_fp32
 
     p = Path(checkpoint)
     if p.is_file():

@@ -252,7 +252,7 @@ def shards(tmp_path_factory):
 
 @pytest.mark.parametrize("engine", ["ddp", pytest.param("zero2", marks=pytest.mark.slow)])
 def test_eglp_resume_is_exact_on_two_ranks(shards, tmp_path, engine):
-    from eglp_dist.runtime.engine import export_fp32
+    from eglp_dist.runtime.engines import export_fp32
 
     def args(out):
         return [f"run.out_dir={out}", f"data.source.shards={shards['cityscapes_train']}",

@@ -12,7 +12,7 @@ def _engine(env, kind, grad_accum=1, lr=1e-2, model=None, seed=0):
     from omegaconf import OmegaConf
 
     from eglp_dist.config import EngineConfig, OptimConfig, ScheduleConfig
-    from eglp_dist.runtime.engine import build_engine
+    from eglp_dist.runtime.engines import build_engine
 
     model = model if model is not None else make_tiny(seed)
     ecfg = OmegaConf.structured(EngineConfig(kind=kind, grad_accum=grad_accum))
@@ -135,7 +135,7 @@ def _checkpoint_round_trip(env, kind, tmp):
 
     from eglp_dist.runtime.checkpoint import find_latest, load_checkpoint, save_checkpoint
     from eglp_dist.methods.parts.ema import EMATeacher
-    from eglp_dist.runtime.engine import export_fp32
+    from eglp_dist.runtime.engines import export_fp32
 
     root = Path(tmp) / kind
     eng = _engine(env, kind)

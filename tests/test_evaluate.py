@@ -66,7 +66,7 @@ def _make_checkpoint(env, root):
 
     from eglp_dist.config import EngineConfig, OptimConfig, ScheduleConfig
     from eglp_dist.runtime.checkpoint import save_checkpoint
-    from eglp_dist.runtime.engine import build_engine
+    from eglp_dist.runtime.engines import build_engine
     from eglp_dist.models import build_segmentor, load_model_config
 
     torch.manual_seed(7)

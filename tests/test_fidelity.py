@@ -118,7 +118,7 @@ def test_ddp_does_not_warn_about_depthwise_grad_strides_but_would_about_real_one
         assert not [m for m in messages if "Grad strides" in m], messages
     import warnings
 
-    from eglp_dist.runtime.engine import quiet_depthwise_stride_warning
+    from eglp_dist.runtime.ddp_engine import quiet_depthwise_stride_warning
 
     head = "Grad strides do not match bucket view strides. This may indicate ...\n"
     with warnings.catch_warnings(record=True) as caught:

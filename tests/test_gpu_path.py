@@ -12,7 +12,7 @@ def _engine(env, kind, precision="fp32", lr=1e-2, seed=0):
     from omegaconf import OmegaConf
 
     from eglp_dist.config import EngineConfig, OptimConfig, ScheduleConfig
-    from eglp_dist.runtime.engine import build_engine
+    from eglp_dist.runtime.engines import build_engine
 
     model = make_tiny(seed)
     ecfg = OmegaConf.structured(EngineConfig(kind=kind, precision=precision))
@@ -142,7 +142,7 @@ def test_zero_buckets_are_the_same_bytes_as_ddps():
     from omegaconf import OmegaConf
 
     from eglp_dist.config import EngineConfig
-    from eglp_dist.runtime.engine import deepspeed_config
+    from eglp_dist.runtime.zero_engine import deepspeed_config
 
     cfg = deepspeed_config(OmegaConf.structured(EngineConfig(kind="zero2", bucket_mb=25)), world_size=2)
     zero = cfg["zero_optimization"]

@@ -27,7 +27,7 @@ _args = tiny_train_args
 
 
 def _student(ckpt: Path):
-    from eglp_dist.runtime.engine import export_fp32
+    from eglp_dist.runtime.engines import export_fp32
 
     return export_fp32(ckpt / "engines" / "student")
 

@@ -214,7 +214,7 @@ def _overrides(shards, out, *extra):
 
 
 def _final(run_dir: Path, step: int):
-    from eglp_dist.runtime.engine import export_fp32
+    from eglp_dist.runtime.engines import export_fp32
 
     ckpt = run_dir / "checkpoints" / f"iter_{step:07d}"
     engines = {n: export_fp32(ckpt / "engines" / n) for n in ("student", "nfnet")}

@@ -55,7 +55,7 @@ def _submit(c, out: Path, log: Path, shards, iters: int, nodes: int = 1) -> str:
 
 
 def _student(run: Path, it: int):
-    from eglp_dist.runtime.engine import export_fp32
+    from eglp_dist.runtime.engines import export_fp32
 
     return export_fp32(run / "demo_source_only" / "checkpoints" / f"iter_{it:07d}" / "engines" / "student")
 

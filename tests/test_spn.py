@@ -292,7 +292,7 @@ def test_gta2all_configs_evaluate_six_targets_and_differ_only_in_spn():
 
 @pytest.mark.slow  # the UDA/PIG/EGLP resume tests cover the mechanism in the default run; CI runs this
 def test_spn_resume_is_exact_on_two_ranks(dg, tmp_path):
-    from eglp_dist.runtime.engine import export_fp32
+    from eglp_dist.runtime.engines import export_fp32
 
     def args(out):
         return [f"run.out_dir={out}", f"data.source.shards={dg['gta5_train']}",

@@ -38,7 +38,7 @@ def _eval_checkpoint(env, config, overrides_, checkpoint):
 
 
 def _final_state(run_dir: Path, step: int):
-    from eglp_dist.runtime.engine import export_fp32
+    from eglp_dist.runtime.engines import export_fp32
 
     ckpt = run_dir / "checkpoints" / f"iter_{step:07d}"
     student = export_fp32(ckpt / "engines" / "student")

@@ -71,7 +71,7 @@ def _env(**extra):
 
 
 def _student(run: Path):
-    from eglp_dist.runtime.engine import export_fp32
+    from eglp_dist.runtime.engines import export_fp32
 
     return export_fp32(run / "demo_source_only" / "checkpoints" / "iter_0000004" / "engines" / "student")
 

@@ -44,7 +44,7 @@ def _work(env, width, depth, warmup, steps):
     from eglp_dist import benchmarking as B
     from eglp_dist.config import EngineConfig, OptimConfig, ScheduleConfig
     from eglp_dist.runtime import comm
-    from eglp_dist.runtime.engine import build_engine
+    from eglp_dist.runtime.engines import build_engine
 
     load_start = B.load_average()
     engines, params = {}, 0

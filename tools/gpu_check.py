@@ -150,7 +150,7 @@ def measure_step(env, config, overrides, warmup, iters) -> dict:
 def measure_eval(env, config, overrides, hw) -> list:
     """Evaluation memory of one image with sliding windows, batched or not."""
     from eglp_dist.config import load_config
-    from eglp_dist.runtime.engine import autocast, autocast_dtype
+    from eglp_dist.runtime.precision import autocast, autocast_dtype
     from eglp_dist.runtime.env import current_device
     from eglp_dist.models import build_segmentor
 

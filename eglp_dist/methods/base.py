@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from eglp_dist.runtime.checkpoint import Stateful
-from eglp_dist.runtime.engine import Engine, build_engine
+from eglp_dist.runtime.engine import Engine
+from eglp_dist.runtime.engines import build_engine
 from eglp_dist.runtime.env import DistEnv
 from eglp_dist.runtime.parts import is_run_wide
 from eglp_dist.models import build_segmentor
