@@ -35,29 +35,28 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                         "configs/GROUP/NAME.yaml, e.g. engine=zero2")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="eglp", description="Distributed UDA / DG semantic segmentation (EGLP, SPN, HRDA, DAFormer).")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
-    p = sub.add_parser("train", help="train a model from a config (torchrun / deepspeed / SLURM aware)")
+def _train_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     # The DeepSpeed launcher appends --local_rank=N to the script's arguments.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
-    p = sub.add_parser("eval", help="distributed mIoU of a checkpoint on every evaluation target (data.val)")
-    p.add_argument("config", help="the run's config file (its model and data.val nodes are used)")
+
+def _checkpoint_args(p: argparse.ArgumentParser, config_help: str) -> None:
+    """What ``eval`` and ``predict`` read: a run's config, a checkpoint, overrides."""
+    p.add_argument("config", help=config_help)
     p.add_argument("checkpoint", help="checkpoint folder (e.g. runs/x/checkpoints/latest) or weight file")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, as for train")
-    p.add_argument("--targets", nargs="+", metavar="NAME", default=None,
-                   help="evaluate only these targets of data.val (default: every one with shards)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
-    p = sub.add_parser("predict", help="write one prediction PNG per image (server formats)")
-    p.add_argument("config", help="the run's config file (its model and data.val / data.test nodes are used)")
-    p.add_argument("checkpoint", help="checkpoint folder (e.g. runs/x/checkpoints/latest) or weight file")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, as for train")
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    _checkpoint_args(p, "the run's config file (its model and data.val nodes are used)")
+    p.add_argument("--targets", nargs="+", metavar="NAME", default=None,
+                   help="evaluate only these targets of data.val (default: every one with shards)")
+
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    _checkpoint_args(p, "the run's config file (its model and data.val / data.test nodes are used)")
     p.add_argument("--split", default="val", choices=["val", "test"],
                    help="predict data.val's images (a target of it) or data.test's (default: val)")
     p.add_argument("--target", default=None, metavar="NAME",
@@ -66,9 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="trainid", choices=["trainid", "labelid", "color"],
                    help="trainid: 0-18 train ids (ACDC and Dark Zurich servers); labelid: Cityscapes label ids "
                         "(the Cityscapes server); color: the Cityscapes palette, to look at (default: trainid)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
-    p = sub.add_parser("score", help="mIoU of a folder of predictions against a folder of labels")
+
+def _score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pred", required=True, help="folder of prediction PNGs")
     p.add_argument("--gt", required=True, help="folder of label PNGs (trainId or labelId)")
     p.add_argument("--json", default=None, help="also write the table as JSON here")
@@ -76,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score the matched subset when predictions are missing or unreadable "
                         "(default: an error, since that is not the split's mIoU)")
 
-    p = sub.add_parser("pack", help="pack a dataset folder into WebDataset shards + DALI index + manifest")
+
+def _pack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, help="dataset name (see eglp_dist/data/layouts.py)")
     p.add_argument("--root", required=True, help="dataset root in its published layout")
     p.add_argument("--split", required=True)
@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out folder (only once the new one is complete)")
 
-    p = sub.add_parser("synth", help="write synthetic street scenes in a real dataset layout")
+
+def _synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, help="layout to write (cityscapes, acdc, gta5, ...)")
     p.add_argument("--out", required=True, help="folder to write the dataset layout into")
     p.add_argument("--n", type=int, default=40, help="images per split")
@@ -103,25 +104,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shift", type=float, default=1.0,
                    help="strength of the night/fog/rain domain shift in [0, 1] (1 = full)")
 
-    p = sub.add_parser("convert-mit", help="convert a SegFormer/mmseg mit_b*.pth to timm's pvt_v2 layout")
+
+def _convert_mit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--variant", default=None,
                    help="mit_b0..mit_b5 (SegFormer MiT = timm pvt_v2 with MLP ratio 4; default: inferred "
                         "from the weights)")
 
-    p = sub.add_parser("bench", help="benchmarks: loader | step | engine | project (paper-size cost)")
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("what", choices=["loader", "step", "engine", "project"])
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of tools/bench_WHAT.py")
 
-    p = sub.add_parser("ablate", help="method ablations on synthetic data: eglp (day->night, default) or spn (DG); tools/ablate.py")
+
+def _ablate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("tool_args", nargs=argparse.REMAINDER, help="arguments of tools/ablate.py")
 
-    p = sub.add_parser("demo", help="synthetic day/night data -> shards -> 2-rank training -> mIoU")
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="folder of the data, shards and runs (default: runs/demo)")
     p.add_argument("--iters", type=int, default=None, help="iterations of each of the four trainings (default: 120)")
     p.add_argument("--pretrain", type=int, default=None,
                    help="iterations of the source-only stage 0 every training starts from (default: 1500; 0: random init)")
+
+
+SUBCOMMANDS = (  # name, help, the function that adds its arguments
+    ("train", "train a model from a config (torchrun / deepspeed / SLURM aware)", _train_args),
+    ("eval", "distributed mIoU of a checkpoint on every evaluation target (data.val)", _eval_args),
+    ("predict", "write one prediction PNG per image (server formats)", _predict_args),
+    ("score", "mIoU of a folder of predictions against a folder of labels", _score_args),
+    ("pack", "pack a dataset folder into WebDataset shards + DALI index + manifest", _pack_args),
+    ("synth", "write synthetic street scenes in a real dataset layout", _synth_args),
+    ("convert-mit", "convert a SegFormer/mmseg mit_b*.pth to timm's pvt_v2 layout", _convert_mit_args),
+    ("bench", "benchmarks: loader | step | engine | project (paper-size cost)", _bench_args),
+    ("ablate", "method ablations on synthetic data: eglp (day->night, default) or spn (DG); "
+               "tools/ablate.py", _ablate_args),
+    ("demo", "synthetic day/night data -> shards -> 2-rank training -> mIoU", _demo_args),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eglp", description="Distributed UDA / DG semantic segmentation (EGLP, SPN, HRDA, DAFormer).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, help_text, add_arguments in SUBCOMMANDS:
+        add_arguments(sub.add_parser(name, help=help_text))
     return parser
 
 

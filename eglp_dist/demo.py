@@ -32,8 +32,6 @@ COLUMNS = {"source_only": "source-only", "uda": "UDA", "pig": "PIG-style", "eglp
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from eglp_dist import study
-    from eglp_dist.charts import class_iou_chart
     from eglp_dist.data.labels import CLASSES
     from eglp_dist.data.synth_render import night_change
 
@@ -41,6 +39,21 @@ def run_cli(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     iters = args.iters or DEMO_ITERS
     pretrain = DEMO_PRETRAIN if args.pretrain is None else args.pretrain
+    results, logs = train_all(out, iters, pretrain, t0)
+    change = night_change()
+    order = sorted(range(len(CLASSES)), key=lambda c: -change[c])  # most changed by night first
+    print_table(results, logs, iters, pretrain, change, order)
+    chart = write_chart(out, results, change, order)
+    print(f"\nper-class chart: {chart}")
+    print(f"total {time.perf_counter() - t0:.0f} s.  TensorBoard: tensorboard --logdir {out / 'runs'}")
+    return 0
+
+
+def train_all(out: Path, iters: int, pretrain: int, t0: float):
+    """The demo data, stage 0 (when ``pretrain`` > 0) and each method's training, each reused
+    when already done; returns (night validation results, training logs) per method."""
+    from eglp_dist import study
+
     data_args = study.eglp_data_args(study.NightData().prepare(out))
     print(f"data ready in {study.NightData().folder(out)} ({time.perf_counter() - t0:.0f} s)", flush=True)
     common = list(data_args)
@@ -49,18 +62,23 @@ def run_cli(args: argparse.Namespace) -> int:
         stage0 = study.run_cached(study.RunSpec("stage0", "tiny_source_only", tuple(data_args), 0, pretrain),
                                   out, quiet=False)
         common += study.warm_start_args(stage0, "whole") + list(study.WARM_RECIPE)
-    results, logs, dirs = {}, {}, {}
+    results, logs = {}, {}
     for method in METHODS:
         t1 = time.perf_counter()
         print(f"\n== {method}: {iters} iterations, 2 ranks (torchrun, gloo) ==", flush=True)
-        dirs[method] = study.run_cached(study.RunSpec(method, f"tiny_{method}", tuple(common), 0, iters), out,
-                                        quiet=False, log_interval=max(iters // 10, 1))
-        results[method] = study.last_eval(dirs[method])["targets"]["acdc_night"]
-        logs[method] = study.train_log(dirs[method])
+        run_dir = study.run_cached(study.RunSpec(method, f"tiny_{method}", tuple(common), 0, iters), out,
+                                   quiet=False, log_interval=max(iters // 10, 1))
+        results[method] = study.last_eval(run_dir)["targets"]["acdc_night"]
+        logs[method] = study.train_log(run_dir)
         print(f"{method}: {time.perf_counter() - t1:.0f} s", flush=True)
+    return results, logs
 
-    change = night_change()
-    order = sorted(range(len(CLASSES)), key=lambda c: -change[c])  # most changed by night first
+
+def print_table(results, logs, iters: int, pretrain: int, change, order) -> None:
+    """Per-class night IoU by designed night change, mIoU, pseudo-label weight and quality."""
+    from eglp_dist import study
+    from eglp_dist.data.labels import CLASSES
+
     start = f"from a {pretrain}-iteration source-only stage 0" if pretrain > 0 else "from random weights"
     print(f"\nnight validation (synthetic ACDC night, {N_VAL} images), {iters} iterations each {start}, "
           f"seed 0; classes by their designed night change:")
@@ -81,14 +99,19 @@ def run_cli(args: argparse.Namespace) -> int:
     print("(pseudo weight: DAFormer's confidence share; pseudo-label mIoU: the target's label after the recipe's "
           "fusion against its ground truth; + pastes: the label the student is trained on, with the prompt and "
           "rare-class pastes, whose pixels are ground truth; means over the second half of training)")
+
+
+def write_chart(out: Path, results, change, order) -> Path:
+    """The per-class chart as a PNG and as an image in TensorBoard."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from eglp_dist.charts import class_iou_chart
+    from eglp_dist.data.labels import CLASSES
+
     chart = out / "class_iou.png"
     picture = class_iou_chart({COLUMNS[m]: results[m]["IoU"] for m in METHODS}, [CLASSES[c] for c in order],
                               chart, "night IoU per class (synthetic, seed 0), classes by designed night change",
                               [float(change[c]) for c in order])
-    from torch.utils.tensorboard import SummaryWriter
-
     with SummaryWriter(str(out / "runs" / "demo_summary")) as writer:
         writer.add_image("demo/class_iou", picture, 0, dataformats="HWC")
-    print(f"\nper-class chart: {chart}")
-    print(f"total {time.perf_counter() - t0:.0f} s.  TensorBoard: tensorboard --logdir {out / 'runs'}")
-    return 0
+    return chart

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import random
 import sys
@@ -137,21 +138,9 @@ def _train_locked(cfg, env, device, method, streams, val_loaders, run_dir: Path)
     comm.barrier()
     control = ControlPoint(t.guard, device)
     start, state = resume(resume_from, cfg, env, method, streams, control)
-
-    def save(it: int) -> Path:
-        with startup_timeout(cfg.dist):  # writing may take longer than a step
-            method.sync_buffers()  # one model on every rank (see Engine.sync_buffers)
-            return save_checkpoint(ckpt_root, it, method.engines, method.modules,
-                                   {"method": cfg.method.name, "config": to_plain(cfg),
-                                    "control": control.state_dict()},
-                                   {"streams": {n: s.state_dict() for n, s in streams.items()},
-                                    "method": method.state_dict()},
-                                   keep_last=t.keep_last)
-
+    save = functools.partial(save_run, cfg, method, streams, control, ckpt_root)
     monitor = Monitor(run_dir, env.is_main, start, t.max_iters, sum(s.batch_size for s in streams.values()))
-    monitor.write(f"run folder {run_dir} | {env.world_size} rank(s), {comm.backend()} on {device.type} | "
-                  f"engine {cfg.engine.kind}, precision {autocast_dtype(cfg.engine.precision, device) or 'fp32'} "
-                  f"| method {cfg.method.name} | iterations {start}..{t.max_iters}")
+    monitor.write(start_line(cfg, env, device, run_dir, start))
     if resume_from is not None:
         for line in resume_report(resume_from, state, start, cfg, env, method):
             monitor.write(line)
@@ -171,24 +160,9 @@ def _train_locked(cfg, env, device, method, streams, val_loaders, run_dir: Path)
                 logs = method.step(batches, it - 1)
                 where["phase"] = "the control point's flag all-reduce"
                 decision = guard_step(control, method, monitor, logs, it, t, save)
-                if should(it, t.log_interval, t.max_iters):
-                    monitor.flush(it, {f"lr/{k}": v for k, v in method.lrs().items()}, method.counters())
-                if it % t.image_interval == 0:
-                    monitor.images(it, method.visuals(), cfg.data.mean, cfg.data.std)
-                evaluate_now = t.eval_interval > 0 and should(it, t.eval_interval, t.max_iters)
-                save_now = should(it, t.ckpt_interval, t.max_iters) or decision.stop is not None
-                # before evaluating: an evaluation that fails must not cost the checkpoint
-                where["phase"] = "the checkpoint"
-                path = save(it) if save_now else None
-                if decision.stop is not None:
-                    monitor.write(f"iter {it}: {decision.stop} received; checkpoint {path} written, stopping")
-                    raise StopRequested(decision.stop, it, path)
-                if evaluate_now:
-                    where["phase"] = "the evaluation"
-                    with startup_timeout(cfg.dist):
-                        if not save_now:
-                            method.sync_buffers()
-                        last_eval = run_evaluation(method, val_loaders, cfg, device, monitor, run_dir, it)
+                evaluated = after_step(it, decision, cfg, method, monitor, val_loaders, device, run_dir,
+                                       save, where)
+                last_eval = last_eval if evaluated is None else evaluated
     except RuntimeError as exc:  # collectives' timeouts, and planning.StalledStream
         lost = as_rank_lost(exc, where["it"], where["phase"], cfg.dist, env.rank, env.world_size)
         if lost is None:
@@ -199,6 +173,52 @@ def _train_locked(cfg, env, device, method, streams, val_loaders, run_dir: Path)
             stream.close()
         monitor.close()
     return last_eval
+
+
+def start_line(cfg, env, device, run_dir: Path, start: int) -> str:
+    """The log's first line: where, on what, which method, which iterations."""
+    precision = autocast_dtype(cfg.engine.precision, device) or "fp32"
+    return (f"run folder {run_dir} | {env.world_size} rank(s), {comm.backend()} on {device.type} | "
+            f"engine {cfg.engine.kind}, precision {precision} | method {cfg.method.name} | "
+            f"iterations {start}..{cfg.trainer.max_iters}")
+
+
+def save_run(cfg, method, streams, control, ckpt_root: Path, it: int) -> Path:
+    """A checkpoint of everything that changes during training, after iteration ``it``."""
+    with startup_timeout(cfg.dist):  # writing may take longer than a step
+        method.sync_buffers()  # one model on every rank (see Engine.sync_buffers)
+        return save_checkpoint(ckpt_root, it, method.engines, method.modules,
+                               {"method": cfg.method.name, "config": to_plain(cfg),
+                                "control": control.state_dict()},
+                               {"streams": {n: s.state_dict() for n, s in streams.items()},
+                                "method": method.state_dict()},
+                               keep_last=cfg.trainer.keep_last)
+
+
+def after_step(it: int, decision, cfg, method, monitor, val_loaders, device, run_dir: Path, save,
+               where: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """What follows iteration ``it`` on every rank alike: logs and images at their intervals,
+    the checkpoint (before evaluating: an evaluation that fails must not cost it), a stop
+    request acted on, the evaluation. Returns the evaluation's metrics when one ran."""
+    t = cfg.trainer
+    if should(it, t.log_interval, t.max_iters):
+        monitor.flush(it, {f"lr/{k}": v for k, v in method.lrs().items()}, method.counters())
+    if it % t.image_interval == 0:
+        monitor.images(it, method.visuals(), cfg.data.mean, cfg.data.std)
+    evaluate_now = t.eval_interval > 0 and should(it, t.eval_interval, t.max_iters)
+    save_now = should(it, t.ckpt_interval, t.max_iters) or decision.stop is not None
+    where["phase"] = "the checkpoint"
+    path = save(it) if save_now else None
+    if decision.stop is not None:
+        monitor.write(f"iter {it}: {decision.stop} received; checkpoint {path} written, stopping")
+        raise StopRequested(decision.stop, it, path)
+    if not evaluate_now:
+        return None
+    where["phase"] = "the evaluation"
+    with startup_timeout(cfg.dist):
+        if not save_now:
+            method.sync_buffers()
+        return run_evaluation(method, val_loaders, cfg, device, monitor, run_dir, it)
 
 
 def resume(resume_from, cfg, env, method, streams, control) -> tuple:
