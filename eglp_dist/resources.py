@@ -1,9 +1,9 @@
-"""Where the shipped configs (``configs/``) and tools (``tools/``) are, whatever the install.
+"""Where the shipped configs (``configs/``) are, whatever the install.
 
-A checkout (and ``pip install -e .``) reads the top-level folders of the source tree; a
-regular install (``pip install .``, a wheel) carries copies inside the package
-(``eglp_dist/configs``, ``eglp_dist/tools``; ``pyproject.toml`` maps the folders there), so
-``eglp train configs/demo/tiny_uda.yaml`` and ``eglp bench`` work from any folder.
+A checkout (and ``pip install -e .``) reads the top-level folder of the source tree; a
+regular install (``pip install .``, a wheel) carries a copy inside the package
+(``eglp_dist/configs``; ``pyproject.toml`` maps the folder there), so
+``eglp train configs/demo/tiny_uda.yaml`` works from any folder.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ _PACKAGE = Path(__file__).resolve().parent
 
 
 def resource_dir(name: str) -> Path:
-    """``configs`` or ``tools``: the installed copy, else the source tree's folder."""
+    """``configs``: the installed copy, else the source tree's folder."""
     for candidate in (_PACKAGE / name, _PACKAGE.parent / name):
         if candidate.is_dir():
             return candidate

@@ -2,11 +2,10 @@
 from the real step, not listed by hand) and their FLOPs on meta-device networks."""
 import torch
 
-from eglp_dist.bench import tool_module
+from eglp_dist.runners import bench_project, bench_step
 from eglp_dist.config import PACKAGE_CONFIG_ROOT, load_config
 from eglp_dist.runtime.env import DistEnv
 
-bench_project, bench_step = tool_module("bench_project"), tool_module("bench_step")
 
 SMALL = ["data.source.crop_size=[64,64]", "data.target.crop_size=[64,64]", "data.prompt.crop_size=[64,64]"]
 

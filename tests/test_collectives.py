@@ -6,7 +6,7 @@ communication hook, everything else by wrapping torch.distributed, named by its 
 import pytest
 
 from dist_harness import run_ranks
-from eglp_dist.bench import tool_module
+from eglp_dist.runners import bench_step
 from eglp_dist.config import PACKAGE_CONFIG_ROOT
 
 SMALL = ["data.source.crop_size=[64,64]", "data.target.crop_size=[64,64]", "data.prompt.crop_size=[64,64]"]
@@ -23,7 +23,6 @@ EXPECTED = {
 
 @pytest.fixture(scope="module")
 def counted():
-    bench_step = tool_module("bench_step")
     rows = [(name, [*SMALL, *extra]) for name, extra in bench_step.SUITES["uda"][1] if name in EXPECTED]
     return run_ranks(bench_step.count_collectives, 2, args=(str(PACKAGE_CONFIG_ROOT / "demo" / "tiny_eglp.yaml"), rows))
 

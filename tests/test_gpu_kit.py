@@ -3,6 +3,7 @@ project), installed with no index into a fresh venv that holds only what a GPU h
 preinstalled (torch, torchvision, timm, tensorboard, scipy, opencv and their requirements), where
 tools/gpu_run.sh must run gpu_check.py --dry-run to the end. Built for this interpreter's
 version (the GPU host's is 3.12: `make gpu-kit`)."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -13,10 +14,20 @@ from pathlib import Path
 
 import pytest
 
-from eglp_dist.bench import TOOLS, tool_module
 
 ROOT = Path(__file__).resolve().parents[1]
-gpu_kit = tool_module("gpu_kit")
+TOOLS = ROOT / "tools"
+
+
+def _load_gpu_kit():
+    """tools/gpu_kit.py (a build tool of the checkout, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("gpu_kit", TOOLS / "gpu_kit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_kit = _load_gpu_kit()
 
 
 def _host_site(folder: Path) -> Path:

@@ -1,4 +1,4 @@
-"""A regular install (`pip install .`, i.e. the wheel) carries its configs and tools: `eglp
+"""A regular install (`pip install .`, i.e. the wheel) carries its configs and runners: `eglp
 train configs/...` and `eglp bench loader` work from any folder, without the source tree."""
 import os
 import shutil
