@@ -19,8 +19,8 @@ HANDLERS: Dict[str, str] = {
     "eval": "eglp_dist.evaluate:run_cli",
     "predict": "eglp_dist.export:predict_cli",
     "score": "eglp_dist.score:score_cli",
-    "pack": "eglp_dist.data.pack:run_cli",
-    "synth": "eglp_dist.data.synth:run_cli",
+    "pack": "eglp_dist.data.offline.pack:run_cli",
+    "synth": "eglp_dist.data.offline.synth:run_cli",
     "convert-mit": "eglp_dist.models.convert_mit:run_cli",
     "bench": "eglp_dist.bench:run_cli",
     "ablate": "eglp_dist.bench:ablate_cli",
@@ -77,7 +77,7 @@ def _score_args(p: argparse.ArgumentParser) -> None:
 
 
 def _pack_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", required=True, help="dataset name (see eglp_dist/data/layouts.py)")
+    p.add_argument("--dataset", required=True, help="dataset name (see eglp_dist/data/offline/layouts.py)")
     p.add_argument("--root", required=True, help="dataset root in its published layout")
     p.add_argument("--split", required=True)
     p.add_argument("--out", required=True, help="output folder (created atomically)")

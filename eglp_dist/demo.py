@@ -21,7 +21,7 @@ import argparse
 import time
 from pathlib import Path
 
-from eglp_dist.data.synth_tasks import N_VAL, prepare_data, prepare_dg_data  # noqa: F401  (the tests' API)
+from eglp_dist.data.offline.synth_tasks import N_VAL, prepare_data, prepare_dg_data  # noqa: F401  (the tests' API)
 
 # Stage 0 and each of the four trainings after it: what keeps the whole demo around ten
 # minutes on 2 cores (docs/training.md measures it).
@@ -33,7 +33,7 @@ COLUMNS = {"source_only": "source-only", "uda": "UDA", "pig": "PIG-style", "eglp
 
 def run_cli(args: argparse.Namespace) -> int:
     from eglp_dist.data.labels import CLASSES
-    from eglp_dist.data.synth_render import night_change
+    from eglp_dist.data.offline.synth_render import night_change
 
     out = Path(args.out)
     t0 = time.perf_counter()

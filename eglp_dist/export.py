@@ -38,7 +38,7 @@ FORMAT_FOLDER = {"trainid": "labelTrainIds", "labelid": "labelIds", "color": "co
 def _strip_image_dir(source: str, dataset: str, split: str) -> str:
     """``leftImg8bit/val/aachen/x.png`` -> ``aachen/x.png``: the path below the split's image
     folder of the dataset's layout (the source path itself if no template matches)."""
-    from eglp_dist.data.layouts import LAYOUTS
+    from eglp_dist.data.offline.layouts import LAYOUTS
 
     layout = LAYOUTS.get(dataset)
     if layout is not None:

@@ -54,7 +54,7 @@ CHANGED_MIN = 0.35
 
 def classes_to_gain() -> List[str]:
     from eglp_dist.data.labels import CLASSES
-    from eglp_dist.data.synth_render import night_change
+    from eglp_dist.data.offline.synth_render import night_change
 
     change = night_change()
     return [CLASSES[c] for c in range(len(CLASSES)) if change[c] >= CHANGED_MIN - 1e-6]
@@ -82,7 +82,7 @@ class NightData:
                                       f"_t{self.train_images}")
 
     def prepare(self, root: Path) -> Dict[str, Path]:
-        from eglp_dist.data.synth_tasks import night_datasets, prepare_data
+        from eglp_dist.data.offline.synth_tasks import night_datasets, prepare_data
 
         return prepare_data(self.folder(root), n_train=self.train_images, n_val=self.val_images,
                             datasets=night_datasets(self.night_strength, self.prompts))

@@ -7,10 +7,10 @@ import torch
 from omegaconf import OmegaConf
 
 from dist_harness import run_ranks
-from eglp_dist.data import synth
+from eglp_dist.data.offline import synth
 from eglp_dist.data.config import DataConfig, EvalStreamConfig
 from eglp_dist.data.loader import build_eval_loader, build_train_stream
-from eglp_dist.data.pack import pack
+from eglp_dist.data.offline.pack import pack
 from eglp_dist.data.shards import eval_range
 from eglp_dist.errors import ConfigError, DataError
 

@@ -10,10 +10,10 @@ from PIL import Image
 
 from eglp_dist.cli import main as cli_main
 from eglp_dist.data import shards as S
-from eglp_dist.data import synth
+from eglp_dist.data.offline import synth
 from eglp_dist.data.codecs import decode_seg, load_label
-from eglp_dist.data.layouts import LAYOUTS
-from eglp_dist.data.pack import pack
+from eglp_dist.data.offline.layouts import LAYOUTS
+from eglp_dist.data.offline.pack import pack
 from eglp_dist.errors import DataError
 
 SIZE = (64, 32)

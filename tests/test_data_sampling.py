@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 
-from eglp_dist.data import synth
+from eglp_dist.data.offline import synth
 from eglp_dist.data.augment import Augmenter, rescale_hw
 from eglp_dist.data.config import DataConfig, StreamConfig
 from eglp_dist.data.loader import build_train_stream
-from eglp_dist.data.pack import pack
+from eglp_dist.data.offline.pack import pack
 from eglp_dist.data.sampling import (ClassUniformSampler, Pick, RareClassSampler, UniformSampler,
                                      rcs_class_probs)
 

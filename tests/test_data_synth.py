@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 from eglp_dist.data import labels as L
-from eglp_dist.data import synth
+from eglp_dist.data.offline import synth
 from eglp_dist.data.codecs import load_label, load_rgb
-from eglp_dist.data.layouts import LAYOUTS, default_splits
+from eglp_dist.data.offline.layouts import LAYOUTS, default_splits
 
 SIZE = (128, 64)
 

@@ -10,7 +10,7 @@ import torch
 
 from dist_harness import run_ranks, train_with_method, train_worker
 from eglp_dist.config import PACKAGE_CONFIG_ROOT, load_config
-from eglp_dist.data import synth
+from eglp_dist.data.offline import synth
 from eglp_dist.data.labels import CLASS_INDEX, CLASSES
 from eglp_dist.methods.parts.dnis import DNIS
 from eglp_dist.methods.parts.fusion import dms_weights, fis_classes, mix_probabilities, prompt_class_masks

@@ -15,9 +15,9 @@ from PIL import Image
 
 from dist_harness import run_ranks
 from eglp_dist.cli import main as cli_main
-from eglp_dist.data import synth
+from eglp_dist.data.offline import synth
 from eglp_dist.data.labels import CITYSCAPES_LABEL_IDS, TRAIN_TO_CITYSCAPES_ID, colorize
-from eglp_dist.data.pack import pack
+from eglp_dist.data.offline.pack import pack
 from eglp_dist.errors import DataError
 
 SIZE = (128, 64)  # W, H of the synthetic images; evaluated at img_scale 96x48, so logits are upsampled

@@ -180,8 +180,8 @@ def test_resampling_is_mmcvs_cv2_inter_linear_and_inter_nearest_by_default():
 def test_evaluation_splits_are_packed_losslessly_and_training_splits_as_jpeg(tmp_path):
     from PIL import Image
 
-    from eglp_dist.data import synth
-    from eglp_dist.data.pack import pack
+    from eglp_dist.data.offline import synth
+    from eglp_dist.data.offline.pack import pack
     from eglp_dist.data.shards import open_shards
 
     root = tmp_path / "cs"
@@ -297,8 +297,8 @@ def test_synthetic_scenes_content_rendering_and_files_live_apart():
     from eglp_dist.data import codecs, synth, synth_render, synth_scene
 
     graph = _eglp_imports()
-    assert "eglp_dist.data.synth_render" not in graph["eglp_dist.data.synth_scene"]  # content knows no pixels
-    assert "eglp_dist.data.synth" not in graph["eglp_dist.data.synth_render"]
+    assert "eglp_dist.data.offline.synth_render" not in graph["eglp_dist.data.offline.synth_scene"]  # content knows no pixels
+    assert "eglp_dist.data.offline.synth" not in graph["eglp_dist.data.offline.synth_render"]
     rgb = np.zeros((4, 5, 3), np.uint16)
     rgb[..., 0] = np.arange(20).reshape(4, 5) * 1000
     assert np.array_equal(codecs.decode_png16(codecs.encode_png16_rgb(rgb), "x.png"), rgb)  # lossless, 16 bits

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from eglp_dist.config import PACKAGE_CONFIG_ROOT, load_config
-from eglp_dist.data import synth
-from eglp_dist.data.pack import pack
+from eglp_dist.data.offline import synth
+from eglp_dist.data.offline.pack import pack
 from eglp_dist.errors import ConfigError, DataError
 
 DEMO = PACKAGE_CONFIG_ROOT / "demo"

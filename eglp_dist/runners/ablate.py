@@ -209,7 +209,7 @@ def eglp_chart(results: Dict[str, Dict[int, dict]], seeds: List[int], path: Path
     """Per-class night IoU (mean over seeds) of the main rows, classes by designed night change."""
     from eglp_dist.charts import class_iou_chart
     from eglp_dist.data.labels import CLASSES
-    from eglp_dist.data.synth_render import night_change
+    from eglp_dist.data.offline.synth_render import night_change
 
     change = night_change()
     order = sorted(range(len(CLASSES)), key=lambda c: -change[c])
@@ -296,7 +296,7 @@ def main(argv=None) -> int:
         data = study.NightData(a.night_strength, a.prompts, a.val_images, a.train_images)
         data_args = study.eglp_data_args(data.prepare(root))
     else:
-        from eglp_dist.data.synth_tasks import prepare_dg_data
+        from eglp_dist.data.offline.synth_tasks import prepare_dg_data
 
         data_args = spn_data_args(prepare_dg_data(root / "data" / f"dg_v{a.val_images}_t{a.train_images}",
                                                   n_train=a.train_images, n_val=a.val_images))

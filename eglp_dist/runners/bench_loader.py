@@ -61,7 +61,7 @@ class FolderDataset:
     STD = (58.395, 57.12, 57.375)
 
     def __init__(self, root: str, args):
-        from eglp_dist.data.layouts import get_layout
+        from eglp_dist.data.offline.layouts import get_layout
 
         self.pairs = get_layout("cityscapes").find(Path(root), "train")
         self.args = args
@@ -173,8 +173,8 @@ def run_one(args) -> dict:
 
 def prepare(args) -> None:
     """Synthetic Cityscapes PNG folders + their shards (JPEG q95), made once per settings."""
-    from eglp_dist.data.pack import pack
-    from eglp_dist.data.synth import write_dataset
+    from eglp_dist.data.offline.pack import pack
+    from eglp_dist.data.offline.synth import write_dataset
 
     work = Path(args.work)
     stamp = work / "settings.json"

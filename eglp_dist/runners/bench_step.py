@@ -69,7 +69,7 @@ def scene_batch(stream_cfg, data_cfg, style: str, device, seed: int, start: int,
     """A batch of synthetic street scenes at the stream's crop size, normalised as the
     loader normalises (``gt`` = the labels, for a stream the method reads diagnostics from)."""
     from eglp_dist.data.planning import normalise_into
-    from eglp_dist.data.synth import sample
+    from eglp_dist.data.offline.synth import sample
 
     b, (h, w) = stream_cfg.batch_size, stream_cfg.crop_size
     images, labels = zip(*(sample(seed, "bench", start + i, (w, h), style) for i in range(b)))

@@ -1,5 +1,5 @@
 """Synthetic scenes, part 2: rendering a scene's content in a *style* (day, night, fog,
-rain, game); see ``data/synth.py`` for what each style is for. Night changes classes
+rain, game); see ``data/offline/synth.py`` for what each style is for. Night changes classes
 unequally (EGLP's motivation), which ``night_change`` exposes for the DNIS tests.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from eglp_dist.data import labels as L
-from eglp_dist.data.synth_scene import IGN, ROAD, SKY, Decal, Scene
+from eglp_dist.data.offline.synth_scene import IGN, ROAD, SKY, Decal, Scene
 from eglp_dist.errors import DataError
 
 STYLES = ("day", "night", "fog", "rain", "game")

@@ -50,8 +50,8 @@ def prepare_data(out: Path, seed: int = 0, n_train: int = N_TRAIN, n_val: int = 
     tests use it too, with fewer and smaller images. ``content_seeds``: layout -> offset of
     its scene seed (default 1; the demo's source 0 and prompts 2 show other streets)."""
     content_seeds = {"cityscapes": 0, "prompt": 2} if content_seeds is None else content_seeds
-    from eglp_dist.data.pack import pack
-    from eglp_dist.data.synth import write_dataset
+    from eglp_dist.data.offline.pack import pack
+    from eglp_dist.data.offline.synth import write_dataset
 
     shards = {}
     for layout, split, style, shift, count, name in datasets:

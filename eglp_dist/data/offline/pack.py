@@ -26,7 +26,7 @@ import numpy as np
 from eglp_dist.data import labels as L
 from eglp_dist.data import shards as S
 from eglp_dist.data.codecs import BadSample, encode_jpeg, encode_png, load_image, load_label
-from eglp_dist.data.layouts import Pair, get_layout
+from eglp_dist.data.offline.layouts import Pair, get_layout
 from eglp_dist.atomic import atomic_dir
 from eglp_dist.errors import DataError
 from eglp_dist.interrupt import worker_signals

@@ -34,9 +34,9 @@ from PIL import Image
 from eglp_dist.atomic import write_bytes_atomic
 from eglp_dist.data import labels as L
 from eglp_dist.data.codecs import encode_png16_rgb
-from eglp_dist.data.layouts import Layout, default_splits, get_layout
-from eglp_dist.data.synth_render import STYLES, night_change, render  # noqa: F401  (the synth API)
-from eglp_dist.data.synth_scene import MIN_SIZE, make_scene
+from eglp_dist.data.offline.layouts import Layout, default_splits, get_layout
+from eglp_dist.data.offline.synth_render import STYLES, night_change, render  # noqa: F401  (the synth API)
+from eglp_dist.data.offline.synth_scene import MIN_SIZE, make_scene
 from eglp_dist.errors import DataError
 
 

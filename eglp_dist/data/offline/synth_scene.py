@@ -3,7 +3,7 @@ function of its RNG: a perspective road with sidewalks, buildings, walls, fences
 terrain, poles with traffic lights and signs, cars, trucks, buses, trams, persons and riders
 on two-wheelers, drawn class by class into a label map plus per-object colours and decals
 (windows, wheels, lamps) that the renderer (``synth_render.py``) turns into pixels.
-See ``data/synth.py`` for why synthetic data exists.
+See ``data/offline/synth.py`` for why synthetic data exists.
 """
 from __future__ import annotations
 
