@@ -21,3 +21,12 @@ def tiny_shards(tmp_path_factory):
     from eglp_dist.demo import prepare_data
 
     return prepare_data(tmp_path_factory.mktemp("tiny_data"), n_train=8, n_val=4, size=(128, 64))
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory):
+    """The demo's synthetic shards at 256x128 (8 train, 5 val images: an uneven split over 2
+    ranks; 6 prompts), made once for the recipes' end-to-end tests (UDA, PIG, EGLP)."""
+    from eglp_dist.demo import prepare_data
+
+    return prepare_data(tmp_path_factory.mktemp("demo_data"), n_train=8, n_val=5, size=(256, 128))

@@ -293,8 +293,23 @@ def test_the_pil_backend_is_named_for_what_it_is_and_its_old_name_still_works():
         assert backend_of(DataConfig(backend="dali")) == "dali"
 
 
+def test_the_layers_of_the_tree_import_only_downwards():
+    """What the folders say: training's data code never reaches the offline tools (dataset
+    folders -> shards), a recipe's part never imports a recipe, the runtime knows no method."""
+    graph = _eglp_imports()
+    recipes = {f"eglp_dist.methods.{m}" for m in ("base", "source_only", "uda", "pig", "eglp", "spn")}
+    for module, deps in graph.items():
+        if module.startswith("eglp_dist.data.") and not module.startswith("eglp_dist.data.offline"):
+            assert not {d for d in deps if d.startswith("eglp_dist.data.offline")}, module
+        if module.startswith("eglp_dist.methods.parts"):
+            assert not deps & recipes, module
+        if module.startswith("eglp_dist.runtime"):
+            assert not {d for d in deps if d.startswith("eglp_dist.methods")}, module
+
+
 def test_synthetic_scenes_content_rendering_and_files_live_apart():
-    from eglp_dist.data import codecs, synth, synth_render, synth_scene
+    from eglp_dist.data import codecs
+    from eglp_dist.data.offline import synth, synth_render, synth_scene
 
     graph = _eglp_imports()
     assert "eglp_dist.data.offline.synth_render" not in graph["eglp_dist.data.offline.synth_scene"]  # content knows no pixels

@@ -18,11 +18,6 @@ from eglp_dist.runtime.env import free_port
 CONFIG = PACKAGE_CONFIG_ROOT / "demo" / "tiny_source_only.yaml"
 
 
-@pytest.fixture
-def shards(tiny_shards):
-    return tiny_shards
-
-
 _args = tiny_train_args
 
 
@@ -50,8 +45,8 @@ def _train_and_keep(env, config, overrides):
 
 
 @pytest.mark.parametrize("engine", ["ddp", pytest.param("zero2", marks=pytest.mark.slow)])
-def test_an_injected_nan_is_skipped_on_every_rank_and_training_continues(shards, tmp_path, engine):
-    args = _args(shards, tmp_path, "trainer.max_iters=3", "trainer.ckpt_interval=1",
+def test_an_injected_nan_is_skipped_on_every_rank_and_training_continues(tiny_shards, tmp_path, engine):
+    args = _args(tiny_shards, tmp_path, "trainer.max_iters=3", "trainer.ckpt_interval=1",
                  "trainer.guard.inject_nan_steps=[2]", f"engine={engine}")
     (w0, s0, e0), (w1, s1, e1) = run_ranks(_train_and_keep, 2, args=(CONFIG, args))
     assert s0 == s1 == {"student": 1} and e0 is e1 is None  # both ranks skipped iteration 2 (NaN on rank 0 only)
@@ -63,8 +58,8 @@ def test_an_injected_nan_is_skipped_on_every_rank_and_training_continues(shards,
     assert not _same(two, three)  # training went on
 
 
-def test_k_non_finite_steps_in_a_row_stop_the_run_after_a_checkpoint(shards, tmp_path):
-    args = _args(shards, tmp_path, "trainer.max_iters=6", "trainer.ckpt_interval=1",
+def test_k_non_finite_steps_in_a_row_stop_the_run_after_a_checkpoint(tiny_shards, tmp_path):
+    args = _args(tiny_shards, tmp_path, "trainer.max_iters=6", "trainer.ckpt_interval=1",
                  "trainer.guard.inject_nan_steps=[2,3]", "trainer.guard.max_bad_steps=2")
     (w0, s0, e0), (_, _, e1) = run_ranks(_train_and_keep, 2, args=(CONFIG, args))
     assert e0 and e0 == e1 and "2 non-finite steps in a row" in e0 and "iteration 3" in e0
@@ -95,8 +90,8 @@ def _wait(procs, timeout=240):
     return codes
 
 
-def test_sigusr1_to_one_rank_stops_every_rank_at_one_step_and_resume_is_exact(shards, tmp_path):
-    args = _args(shards, tmp_path / "run", "trainer.max_iters=40", "trainer.ckpt_interval=100")
+def test_sigusr1_to_one_rank_stops_every_rank_at_one_step_and_resume_is_exact(tiny_shards, tmp_path):
+    args = _args(tiny_shards, tmp_path / "run", "trainer.max_iters=40", "trainer.ckpt_interval=100")
     logs = tmp_path / "logs1"
     logs.mkdir()
     procs = _launch(2, args, logs)
@@ -120,15 +115,15 @@ def test_sigusr1_to_one_rank_stops_every_rank_at_one_step_and_resume_is_exact(sh
     straight = tmp_path / "straight"
     logs3 = tmp_path / "logs3"
     logs3.mkdir()
-    assert _wait(_launch(2, _args(shards, straight, "trainer.max_iters=40", "trainer.ckpt_interval=100"), logs3)) == [0, 0]
+    assert _wait(_launch(2, _args(tiny_shards, straight, "trainer.max_iters=40", "trainer.ckpt_interval=100"), logs3)) == [0, 0]
     assert _same(_student(ckpts / "iter_0000040"),
                  _student(straight / "demo_source_only" / "checkpoints" / "iter_0000040"))
 
 
-def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(shards, tmp_path, capsys):
+def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(tiny_shards, tmp_path, capsys):
     from dist_harness import train_worker
 
-    args = _args(shards, tmp_path, "trainer.max_iters=2", "trainer.ckpt_interval=1")
+    args = _args(tiny_shards, tmp_path, "trainer.max_iters=2", "trainer.ckpt_interval=1")
     run_ranks(train_worker, 2, args=(CONFIG, args))
     ckpts = tmp_path / "demo_source_only" / "checkpoints"
     engine_file = ckpts / "iter_0000002" / "engines" / "student" / "engine.pt"
@@ -147,10 +142,10 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(shards, tm
     assert (ckpts / "iter_0000003" / "COMPLETE").is_file()
 
 
-def _rank1_stopped_at_iteration_3(shards, tmp_path, stop, *extra):
+def _rank1_stopped_at_iteration_3(tiny_shards, tmp_path, stop, *extra):
     """2 ranks; at iteration 3 ``stop(rank 1's process)``; (rank 0's exit code, seconds it took
     to exit after that, rank 0's error line)."""
-    args = _args(shards, tmp_path / "run", "trainer.max_iters=200", "trainer.ckpt_interval=1000", *extra)
+    args = _args(tiny_shards, tmp_path / "run", "trainer.max_iters=200", "trainer.ckpt_interval=1000", *extra)
     logs = tmp_path / "logs"
     logs.mkdir()
     procs = _launch(2, args, logs)
@@ -172,15 +167,15 @@ def _rank1_stopped_at_iteration_3(shards, tmp_path, stop, *extra):
     return code, waited, line
 
 
-def test_a_stopped_rank_makes_the_others_fail_in_bounded_time_naming_the_step(shards, tmp_path):
+def test_a_stopped_rank_makes_the_others_fail_in_bounded_time_naming_the_step(tiny_shards, tmp_path):
     code, waited, line = _rank1_stopped_at_iteration_3(  # alive but not answering
-        shards, tmp_path, lambda p: p.send_signal(signal.SIGSTOP), "dist.step_timeout_s=5")
+        tiny_shards, tmp_path, lambda p: p.send_signal(signal.SIGSTOP), "dist.step_timeout_s=5")
     assert code == 1 and waited < 60, (waited, line)
     assert "no answer within 5 s (dist.step_timeout_s)" in line and "another rank is stopped" in line
 
 
-def test_a_killed_rank_is_said_to_have_left_not_to_have_timed_out(shards, tmp_path):
-    code, _, line = _rank1_stopped_at_iteration_3(shards, tmp_path, lambda p: p.kill())  # its sockets close at once
+def test_a_killed_rank_is_said_to_have_left_not_to_have_timed_out(tiny_shards, tmp_path):
+    code, _, line = _rank1_stopped_at_iteration_3(tiny_shards, tmp_path, lambda p: p.kill())  # its sockets close at once
     assert code == 1 and "rank 1 left (connection closed)" in line, line
     assert "no answer within" not in line
 

@@ -21,11 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/demo/tiny_source_only.yaml"
 
 
-@pytest.fixture
-def shards(tiny_shards):
-    return tiny_shards
-
-
 def _env(**extra):
     import sys
 
@@ -43,9 +38,9 @@ def _student(ckpt: Path):
     return export_fp32(ckpt / "engines" / "student")
 
 
-def test_the_deepspeed_launcher_runs_two_processes_on_cpu(shards, tmp_path):
+def test_the_deepspeed_launcher_runs_two_processes_on_cpu(tiny_shards, tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "launch" / "deepspeed.sh"), CONFIG,
-                           *_args(shards, tmp_path, "trainer.max_iters=2")],
+                           *_args(tiny_shards, tmp_path, "trainer.max_iters=2")],
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "2 rank(s), gloo on cpu" in proc.stdout + proc.stderr
@@ -88,13 +83,13 @@ STOP_CASES = [  # (launch script, whom, signal): two in the default run, all in 
 
 
 @pytest.mark.parametrize("script,whom,sig", STOP_CASES)
-def test_a_stop_request_ends_the_job_with_75_after_a_checkpoint_without_restart(shards, tmp_path, script, whom, sig):
+def test_a_stop_request_ends_the_job_with_75_after_a_checkpoint_without_restart(tiny_shards, tmp_path, script, whom, sig):
     log = tmp_path / "job.log"
     before = set(_launch_folders())
     with open(log, "w") as f:
         launcher = subprocess.Popen(
             ["bash", str(ROOT / "launch" / f"{script}.sh"), CONFIG,
-             *_args(shards, tmp_path, "trainer.max_iters=400", "trainer.ckpt_interval=1000")],
+             *_args(tiny_shards, tmp_path, "trainer.max_iters=400", "trainer.ckpt_interval=1000")],
             cwd=ROOT, env=_env(NPROC="2", MAX_RESTARTS="2", RUN_ID=f"t{free_port()}"),
             stdout=f, stderr=subprocess.STDOUT)
     try:
@@ -120,12 +115,12 @@ def test_a_stop_request_ends_the_job_with_75_after_a_checkpoint_without_restart(
 
 
 @pytest.mark.slow  # two torchrun runs of 12 iterations: `make test-all` (what CI runs)
-def test_a_rank_killed_under_torchrun_restarts_the_group_and_ends_bit_identical(shards, tmp_path):
+def test_a_rank_killed_under_torchrun_restarts_the_group_and_ends_bit_identical(tiny_shards, tmp_path):
     def run(out, log, kill_at=None):
         with open(log, "w") as f:
             launcher = subprocess.Popen(
                 ["bash", str(ROOT / "launch" / "torchrun.sh"), CONFIG,
-                 *_args(shards, out, "trainer.max_iters=12", "trainer.ckpt_interval=2")],
+                 *_args(tiny_shards, out, "trainer.max_iters=12", "trainer.ckpt_interval=2")],
                 cwd=ROOT, env=_env(NPROC="2", MAX_RESTARTS="1", RUN_ID=f"t{free_port()}"),
                 stdout=f, stderr=subprocess.STDOUT)
         deadline = time.time() + 300

@@ -1,13 +1,13 @@
 """The night branch (PIG-style recipe): what NFNet is fed, the dark mix, PMS/AMS, fusion with
 protected classes, the NFNet teacher's EMA, the prompt stream, exact resume on 2 ranks, and
 the guard that every rank logs the same keys."""
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from dist_harness import run_ranks, train_worker
+from dist_harness import run_ranks
+from training_runs import assert_resume_exact, night_folders
 from eglp_dist.config import PACKAGE_CONFIG_ROOT, load_config
 from eglp_dist.methods.parts.fusion import fuse_labels, top_k_classes
 from eglp_dist.methods.parts.nfnet import dark_mix, uses_ams
@@ -183,17 +183,10 @@ def test_nfnet_has_its_own_config_nodes_defaulting_to_the_students():
 # ---------------------------------------------------------------- streams and 2-rank runs
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from eglp_dist.demo import prepare_data
-
-    return prepare_data(tmp_path_factory.mktemp("data"), n_train=8, n_val=4, size=(256, 128))
-
-
-def test_the_prompt_stream_resumes_exactly(shards):
+def test_the_prompt_stream_resumes_exactly(demo_shards):
     from eglp_dist.data.loader import build_train_stream
 
-    cfg = load_config(PIG, [f"data.prompt.shards={shards['prompt_night']}"])
+    cfg = load_config(PIG, [f"data.prompt.shards={demo_shards['prompt_night']}"])
     take = lambda s, n: [next(s) for _ in range(n)]  # noqa: E731
     full = take(build_train_stream(cfg.data.prompt, cfg.data, 1, 2, seed=3, name="prompt"), 5)
     first = build_train_stream(cfg.data.prompt, cfg.data, 1, 2, seed=3, name="prompt")
@@ -206,44 +199,12 @@ def test_the_prompt_stream_resumes_exactly(shards):
     assert len(set(keys)) > 1  # drawn at random from the 6 prompts
 
 
-def _overrides(shards, out, *extra):
-    return [f"run.out_dir={out}", f"data.source.shards={shards['cityscapes_train']}",
-            f"data.target.shards={shards['acdc_night_train']}", f"data.prompt.shards={shards['prompt_night']}",
-            f"data.val.acdc_night.shards={shards['acdc_night_val']}", "trainer.log_interval=1", "trainer.image_interval=2",
-            *extra]
-
-
-def _final(run_dir: Path, step: int):
-    from eglp_dist.runtime.engines import export_fp32
-
-    ckpt = run_dir / "checkpoints" / f"iter_{step:07d}"
-    engines = {n: export_fp32(ckpt / "engines" / n) for n in ("student", "nfnet")}
-    modules = torch.load(ckpt / "modules.pt", weights_only=False)
-    ranks = [torch.load(p, weights_only=False) for p in sorted(ckpt.glob("rank_*.pt"))]
-    return engines, modules, ranks
-
-
 @pytest.mark.parametrize("engine", ["ddp", pytest.param("zero2", marks=pytest.mark.slow)])
-def test_pig_resume_is_exact_on_two_ranks(shards, tmp_path, engine):
-    common = ["trainer.max_iters=4", "trainer.eval_interval=100", "trainer.ckpt_interval=2", f"engine={engine}",
-              "schedule.warmup_iters=2"]
-    run_ranks(train_worker, 2, args=(PIG, _overrides(shards, tmp_path / "a", *common)))
-    straight, resumed = tmp_path / "a" / "demo_pig", tmp_path / "b" / "demo_pig"
-    shutil.copytree(straight / "checkpoints" / "iter_0000002", resumed / "checkpoints" / "iter_0000002")
-    run_ranks(train_worker, 2, args=(PIG, _overrides(shards, tmp_path / "b", *common)))
-    a, b = _final(straight, 4), _final(resumed, 4)
-    for name in ("student", "nfnet"):
-        for k in a[0][name]:
-            assert torch.equal(a[0][name][k], b[0][name][k]), (name, k)
-    for teacher in ("teacher", "nfnet_teacher"):
-        for k, v in a[1][teacher].items():
-            assert torch.equal(v, b[1][teacher][k]), (teacher, k)
-    assert len(a[2]) == 2
-    for ra, rb in zip(a[2], b[2]):
-        assert ra["streams"] == rb["streams"] and ra["streams"]["prompt"]["step"] == 4
-        assert torch.equal(ra["method"]["generator"], rb["method"]["generator"])
-    first = _final(straight, 2)
-    assert any(not torch.equal(first[0]["nfnet"][k], a[0]["nfnet"][k]) for k in a[0]["nfnet"])
+def test_pig_resume_is_exact_on_two_ranks(demo_shards, tmp_path, engine):
+    _, a, _ = assert_resume_exact(PIG, "demo_pig", tmp_path, night_folders(demo_shards, prompt=True),
+                                  f"engine={engine}", "schedule.warmup_iters=2",
+                                  engines=("student", "nfnet"), modules=("teacher", "nfnet_teacher"))
+    assert all(r["streams"]["prompt"]["step"] == 4 for r in a.ranks)
 
 
 def _uneven_keys(env):

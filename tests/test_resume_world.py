@@ -10,13 +10,8 @@ from eglp_dist.config import PACKAGE_CONFIG_ROOT
 CONFIG = PACKAGE_CONFIG_ROOT / "demo" / "tiny_source_only.yaml"
 
 
-@pytest.fixture
-def shards(tiny_shards):
-    return tiny_shards
-
-
-def _args(shards, out, *extra):
-    return tiny_train_args(shards, out, "trainer.ckpt_interval=2", *extra)
+def _args(tiny_shards, out, *extra):
+    return tiny_train_args(tiny_shards, out, "trainer.ckpt_interval=2", *extra)
 
 
 def _train(env, config, overrides):
@@ -30,9 +25,9 @@ def _train(env, config, overrides):
 # slow (CI): the default run keeps test_engine's ZeRO re-partition 2 -> 1 for world-size resumes
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 3])
-def test_ddp_resumes_on_another_world_size_with_a_new_random_stream_per_new_rank(shards, tmp_path, world):
-    run_ranks(_train, 2, args=(CONFIG, _args(shards, tmp_path, "trainer.max_iters=2")))
-    out = run_ranks(_train, world, args=(CONFIG, _args(shards, tmp_path, "trainer.max_iters=4")))
+def test_ddp_resumes_on_another_world_size_with_a_new_random_stream_per_new_rank(tiny_shards, tmp_path, world):
+    run_ranks(_train, 2, args=(CONFIG, _args(tiny_shards, tmp_path, "trainer.max_iters=2")))
+    out = run_ranks(_train, world, args=(CONFIG, _args(tiny_shards, tmp_path, "trainer.max_iters=4")))
     assert all(err is None for _, err in out)
     ckpts = tmp_path / "demo_source_only" / "checkpoints"
     assert (ckpts / "iter_0000004" / "COMPLETE").is_file()
@@ -43,12 +38,12 @@ def test_ddp_resumes_on_another_world_size_with_a_new_random_stream_per_new_rank
 
 @pytest.mark.slow  # short ZeRO trainings: `make test-all` (what CI runs)
 @pytest.mark.parametrize("world", [1, 3])
-def test_zero2_resumes_on_another_world_size_and_a_switched_engine_is_named(shards, tmp_path, world, capfd):
+def test_zero2_resumes_on_another_world_size_and_a_switched_engine_is_named(tiny_shards, tmp_path, world, capfd):
     """The optimizer state's re-partitioning itself is checked bit for bit in test_engine;
     here the loop: the run continues on `world` ranks, says so, and ends complete."""
-    run_ranks(_train, 2, args=(CONFIG, _args(shards, tmp_path, "trainer.max_iters=2", "engine=zero2")))
+    run_ranks(_train, 2, args=(CONFIG, _args(tiny_shards, tmp_path, "trainer.max_iters=2", "engine=zero2")))
     capfd.readouterr()
-    out = run_ranks(_train, world, args=(CONFIG, _args(shards, tmp_path, "trainer.max_iters=4", "engine=zero2")))
+    out = run_ranks(_train, world, args=(CONFIG, _args(tiny_shards, tmp_path, "trainer.max_iters=4", "engine=zero2")))
     assert all(err is None for _, err in out), out
     run_dir = tmp_path / "demo_source_only"
     assert (run_dir / "checkpoints" / "iter_0000004" / "COMPLETE").is_file()
@@ -60,5 +55,5 @@ def test_zero2_resumes_on_another_world_size_and_a_switched_engine_is_named(shar
     assert f"ZeRO optimizer state re-partitioned from 2 to {world} rank(s)" in log
     zero_files = list((run_dir / "checkpoints" / "iter_0000004" / "engines" / "student" / "zero").glob("*optim_states.pt"))
     assert len(zero_files) == world
-    out = run_ranks(_train, 2, args=(CONFIG, _args(shards, tmp_path, "trainer.max_iters=6", "engine=ddp")))
+    out = run_ranks(_train, 2, args=(CONFIG, _args(tiny_shards, tmp_path, "trainer.max_iters=6", "engine=ddp")))
     assert all(e and "engine.kind" in e for _, e in out), out  # refused by the resume check, naming the key

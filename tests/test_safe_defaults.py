@@ -17,6 +17,7 @@ from eglp_dist.config import PACKAGE_CONFIG_ROOT, load_config
 from eglp_dist.data.offline import synth
 from eglp_dist.data.offline.pack import pack
 from eglp_dist.errors import ConfigError, DataError
+from training_runs import night_overrides
 
 DEMO = PACKAGE_CONFIG_ROOT / "demo"
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -34,19 +35,9 @@ def city(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from eglp_dist.demo import prepare_data
-
-    return prepare_data(tmp_path_factory.mktemp("data"), n_train=6, n_val=3, size=(128, 64))
-
-
-def run_args(shards, out, *extra):
-    return [f"run.out_dir={out}", f"data.source.shards={shards['cityscapes_train']}",
-            f"data.target.shards={shards['acdc_night_train']}",
-            f"data.val.acdc_night.shards={shards['acdc_night_val']}", "trainer.log_interval=1",
-            "trainer.image_interval=1000", "data.source.crop_size=[64,64]",
-            "data.target.crop_size=[64,64]", "model=tiny_daformer", *extra]
+def run_args(tiny_shards, out, *extra):
+    return night_overrides(tiny_shards, out, "trainer.image_interval=1000", "data.source.crop_size=[64,64]",
+                           "data.target.crop_size=[64,64]", "model=tiny_daformer", *extra)
 
 
 # ---------------------------------------------------------------- 1. pack --overwrite
@@ -135,8 +126,8 @@ def _lock(run_dir: Path):
     return json.loads((run_dir / "LOCK").read_text())
 
 
-def test_a_second_job_on_a_run_folder_is_refused_and_a_dead_ones_lock_taken_over(shards, tmp_path):
-    args = run_args(shards, tmp_path, "trainer.max_iters=100000", "trainer.eval_interval=100000",
+def test_a_second_job_on_a_run_folder_is_refused_and_a_dead_ones_lock_taken_over(tiny_shards, tmp_path):
+    args = run_args(tiny_shards, tmp_path, "trainer.max_iters=100000", "trainer.eval_interval=100000",
                     "trainer.ckpt_interval=100000", "run.name=shared")
     first = subprocess.Popen([sys.executable, "-m", "eglp_dist", "train", str(DEMO / "tiny_source_only.yaml"),
                               *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
@@ -158,7 +149,7 @@ def test_a_second_job_on_a_run_folder_is_refused_and_a_dead_ones_lock_taken_over
         first.wait()
     # the holder died without releasing: the next job takes over, with a warning
     third = eglp("train", DEMO / "tiny_source_only.yaml",
-                 *run_args(shards, tmp_path, "trainer.max_iters=1", "run.name=shared",
+                 *run_args(tiny_shards, tmp_path, "trainer.max_iters=1", "run.name=shared",
                            "trainer.eval_interval=100"))
     assert third.returncode == 0, third.stderr[-3000:]
     assert f"taking over the lock of a job that is gone (host {holder['host']}, pid {first.pid}" in third.stderr
@@ -212,9 +203,9 @@ def test_a_path_named_another_way_is_the_same_setting(tmp_path, monkeypatch):
         f"model.init_from: 'gone/ckpt' -> '{tmp_path / 'gone/ckpt'}'"]
 
 
-def test_a_rerun_with_changed_settings_does_not_resume_the_old_run(shards, tmp_path):
+def test_a_rerun_with_changed_settings_does_not_resume_the_old_run(tiny_shards, tmp_path):
     cfg = DEMO / "tiny_source_only.yaml"
-    base = run_args(shards, tmp_path, "trainer.eval_interval=100", "trainer.ckpt_interval=1")
+    base = run_args(tiny_shards, tmp_path, "trainer.eval_interval=100", "trainer.ckpt_interval=1")
     first = eglp("train", cfg, *base, "trainer.max_iters=1")
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = tmp_path / "demo_source_only"
@@ -315,27 +306,27 @@ def _corrupt_first_image(folder: Path):
         f.write(b"\0" * (size - 8))
 
 
-def test_bad_evaluation_data_stops_the_run_before_its_first_step(shards, tmp_path):
+def test_bad_evaluation_data_stops_the_run_before_its_first_step(tiny_shards, tmp_path):
     import shutil
 
     val = tmp_path / "val"
-    shutil.copytree(shards["acdc_night_val"], val)
+    shutil.copytree(tiny_shards["acdc_night_val"], val)
     _strip_labels(val)
     proc = eglp("train", DEMO / "tiny_source_only.yaml",
-                *run_args(shards, tmp_path / "runs", "trainer.max_iters=2", f"data.val.acdc_night.shards={val}"))
+                *run_args(tiny_shards, tmp_path / "runs", "trainer.max_iters=2", f"data.val.acdc_night.shards={val}"))
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "acdc-val-000000.tar:" in proc.stderr and "has no seg.png" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()
 
 
-def test_a_corrupt_evaluation_image_names_shard_and_key_and_costs_no_checkpoint(shards, tmp_path):
+def test_a_corrupt_evaluation_image_names_shard_and_key_and_costs_no_checkpoint(tiny_shards, tmp_path):
     import shutil
 
     val = tmp_path / "val"
-    shutil.copytree(shards["acdc_night_val"], val)
+    shutil.copytree(tiny_shards["acdc_night_val"], val)
     _corrupt_first_image(val)
     proc = eglp("train", DEMO / "tiny_source_only.yaml",
-                *run_args(shards, tmp_path, "trainer.max_iters=2", "trainer.eval_interval=1",
+                *run_args(tiny_shards, tmp_path, "trainer.max_iters=2", "trainer.eval_interval=1",
                           "trainer.ckpt_interval=1", f"data.val.acdc_night.shards={val}"))
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"{val / 'acdc-val-000000.tar'}:" in proc.stderr and "unreadable or truncated image" in proc.stderr
@@ -345,8 +336,8 @@ def test_a_corrupt_evaluation_image_names_shard_and_key_and_costs_no_checkpoint(
 # ---------------------------------------------------------------- 9. truncated checkpoint
 
 
-def test_a_truncated_checkpoint_file_is_named(shards, tmp_path):
-    args = run_args(shards, tmp_path, "trainer.max_iters=1", "trainer.eval_interval=100")
+def test_a_truncated_checkpoint_file_is_named(tiny_shards, tmp_path):
+    args = run_args(tiny_shards, tmp_path, "trainer.max_iters=1", "trainer.eval_interval=100")
     assert eglp("train", DEMO / "tiny_source_only.yaml", *args).returncode == 0
     ckpt = tmp_path / "demo_source_only" / "checkpoints" / "iter_0000001"
     engine_file = ckpt / "engines" / "student" / "engine.pt"
@@ -414,9 +405,9 @@ def test_a_run_with_no_evaluable_validation_stream_is_refused_unless_evaluation_
     check_evaluable(load_config(DEMO / config, [f"data.val.{name}.shards=somewhere"]))
 
 
-def test_eglp_train_without_validation_shards_exits_2_before_making_the_run_folder(shards, tmp_path):
+def test_eglp_train_without_validation_shards_exits_2_before_making_the_run_folder(tiny_shards, tmp_path):
     proc = eglp("train", DEMO / "tiny_source_only.yaml", f"run.out_dir={tmp_path / 'runs'}",
-                f"data.source.shards={shards['cityscapes_train']}", "trainer.max_iters=2")
+                f"data.source.shards={tiny_shards['cityscapes_train']}", "trainer.max_iters=2")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "data.val.acdc_night.shards empty" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "runs").exists()

@@ -5,7 +5,6 @@ several shard folders, old single-stream configs refused with the fix, exact res
 import contextlib
 import io
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,8 @@ import pytest
 import torch
 from scipy import ndimage, stats
 
-from dist_harness import run_ranks, train_worker
+from dist_harness import run_ranks
+from training_runs import assert_resume_exact
 from eglp_dist.config import PACKAGE_CONFIG_ROOT, load_config
 from eglp_dist.data.labels import SYNTHIA_13_CLASSES, SYNTHIA_16_CLASSES
 from eglp_dist.data.sampling import ClassUniformSampler, UniformSampler
@@ -292,23 +292,6 @@ def test_gta2all_configs_evaluate_six_targets_and_differ_only_in_spn():
 
 @pytest.mark.slow  # the UDA/PIG/EGLP resume tests cover the mechanism in the default run; CI runs this
 def test_spn_resume_is_exact_on_two_ranks(dg, tmp_path):
-    from eglp_dist.runtime.engines import export_fp32
-
-    def args(out):
-        return [f"run.out_dir={out}", f"data.source.shards={dg['gta5_train']}",
-                f"data.val.day.shards={dg['cityscapes_val']}", "trainer.log_interval=1", "trainer.image_interval=2",
-                "trainer.max_iters=4", "trainer.eval_interval=100", "trainer.ckpt_interval=2",
-                "model.spn.prompt_prob=1.0"]
-
-    run_ranks(train_worker, 2, args=(TINY_SPN, args(tmp_path / "a")))
-    straight, resumed = tmp_path / "a" / "demo_spn", tmp_path / "b" / "demo_spn"
-    shutil.copytree(straight / "checkpoints" / "iter_0000002", resumed / "checkpoints" / "iter_0000002")
-    run_ranks(train_worker, 2, args=(TINY_SPN, args(tmp_path / "b")))
-    ckpt = lambda run: run / "checkpoints" / "iter_0000004"  # noqa: E731
-    a, b = export_fp32(ckpt(straight) / "engines" / "student"), export_fp32(ckpt(resumed) / "engines" / "student")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    first = export_fp32(straight / "checkpoints" / "iter_0000002" / "engines" / "student")
-    assert any(not torch.equal(first[k], a[k]) for k in a)  # it trained
-    for ra, rb in zip(*[[torch.load(p, weights_only=False) for p in sorted(ckpt(r).glob("rank_*.pt"))]
-                        for r in (straight, resumed)]):
-        assert ra["streams"] == rb["streams"] and torch.equal(ra["method"]["generator"], rb["method"]["generator"])
+    """Prompts on every step (``prompt_prob=1``): SPN's draws come from the method's generator."""
+    folders = {"data.source": dg["gta5_train"], "data.val.day": dg["cityscapes_val"]}
+    assert_resume_exact(TINY_SPN, "demo_spn", tmp_path, folders, "model.spn.prompt_prob=1.0")

@@ -1,27 +1,13 @@
 """The training loop end to end on 2 real gloo ranks: exact resume, artefacts, config errors."""
-from pathlib import Path
 
 import pytest
 import torch
 
-from dist_harness import run_ranks, train_worker
+from dist_harness import run_ranks
+from training_runs import RESUME_SCHEDULE, assert_resume_exact, night_folders, night_overrides, shard_overrides
 from eglp_dist.config import PACKAGE_CONFIG_ROOT, load_config
 
 DEMO = PACKAGE_CONFIG_ROOT / "demo"
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from eglp_dist.demo import prepare_data
-
-    return prepare_data(tmp_path_factory.mktemp("data"), n_train=8, n_val=5, size=(256, 128))
-
-
-def overrides(shards, out, *extra):
-    return [f"run.out_dir={out}", f"data.source.shards={shards['cityscapes_train']}",
-            f"data.target.shards={shards['acdc_night_train']}",
-            f"data.val.acdc_night.shards={shards['acdc_night_val']}", "trainer.log_interval=1",
-            "trainer.image_interval=2", *extra]
 
 
 def _eval_checkpoint(env, config, overrides_, checkpoint):
@@ -37,53 +23,25 @@ def _eval_checkpoint(env, config, overrides_, checkpoint):
     return evaluate(model, loader, "cpu", cfg.model.num_classes).as_dict()
 
 
-def _final_state(run_dir: Path, step: int):
-    from eglp_dist.runtime.engines import export_fp32
-
-    ckpt = run_dir / "checkpoints" / f"iter_{step:07d}"
-    student = export_fp32(ckpt / "engines" / "student")
-    modules = torch.load(ckpt / "modules.pt", weights_only=False)
-    ranks = [torch.load(p, weights_only=False) for p in sorted(ckpt.glob("rank_*.pt"))]
-    return student, modules, ranks
-
-
 # zero2 in the slow tier (CI) to keep `make test` under 10 min; the default run keeps ZeRO's
 # checkpoint round trip in test_engine (re-partitioned 2 -> 1, bit for bit)
 @pytest.mark.parametrize("engine", ["ddp", pytest.param("zero2", marks=pytest.mark.slow)])
-def test_uda_resume_is_exact_on_two_ranks(shards, tmp_path, engine):
-    """4 iterations straight == the same run's checkpoint at 2 resumed in a fresh run folder
-    and trained to 4: same student, teacher, data positions and generator, bit for bit.
-    Every UDA part is on (FD, ClassMix, jitter/blur, HRDA boxes, MIC masks), so every source
-    of randomness must be restored."""
-    import shutil
-
-    cfg = DEMO / "tiny_uda.yaml"
-    common = ["trainer.max_iters=4", "trainer.eval_interval=100", "trainer.ckpt_interval=2",
-              f"engine={engine}", "schedule.warmup_iters=2", "method.mic.enabled=true",
-              "method.fd.enabled=true"]
-    run_ranks(train_worker, 2, args=(cfg, overrides(shards, tmp_path / "a", *common)))
-    straight_dir, resumed_dir = tmp_path / "a" / "demo_uda", tmp_path / "b" / "demo_uda"
-    shutil.copytree(straight_dir / "checkpoints" / "iter_0000002", resumed_dir / "checkpoints" / "iter_0000002")
-    run_ranks(train_worker, 2, args=(cfg, overrides(shards, tmp_path / "b", *common)))
-    straight, resumed = _final_state(straight_dir, 4), _final_state(resumed_dir, 4)
-    for k in straight[0]:
-        assert torch.equal(straight[0][k], resumed[0][k]), k
-    for k, v in straight[1]["teacher"].items():
-        assert torch.equal(v, resumed[1]["teacher"][k]), k
-    assert len(straight[2]) == 2
-    for a, b in zip(straight[2], resumed[2]):
-        assert a["streams"] == b["streams"] and a["streams"]["target"]["step"] == 4
-        assert torch.equal(a["method"]["generator"], b["method"]["generator"])
-    # and training moved the weights at all (a resume that silently restarted would differ)
-    first = _final_state(straight_dir, 2)
-    assert any(not torch.equal(first[0][k], straight[0][k]) for k in first[0])
-    # the evaluation done in training is the checkpoint's evaluation (every rank evaluated
-    # rank 0's batch-norm statistics, which the checkpoint holds)
+def test_uda_resume_is_exact_on_two_ranks(demo_shards, tmp_path, engine):
+    """Every UDA part is on (FD, ClassMix, jitter/blur, HRDA boxes, MIC masks), so every source
+    of randomness must be restored; the teacher too."""
     import json
 
+    cfg = DEMO / "tiny_uda.yaml"
+    common = [f"engine={engine}", "schedule.warmup_iters=2", "method.mic.enabled=true", "method.fd.enabled=true"]
+    folders = night_folders(demo_shards)
+    straight_dir, a, _ = assert_resume_exact(cfg, "demo_uda", tmp_path, folders, *common, modules=("teacher",))
+    assert all(r["streams"]["target"]["step"] == 4 for r in a.ranks)
+    # the evaluation done in training is the checkpoint's evaluation (every rank evaluated
+    # rank 0's batch-norm statistics, which the checkpoint holds)
     in_training = json.loads((straight_dir / "eval.jsonl").read_text().splitlines()[-1])
-    (from_checkpoint,) = run_ranks(_eval_checkpoint, 1, args=(cfg, overrides(shards, tmp_path / "a", *common),
-                                                              str(straight_dir / "checkpoints" / "latest")))
+    (from_checkpoint,) = run_ranks(_eval_checkpoint, 1, args=(
+        cfg, shard_overrides(tmp_path / "a", folders, *RESUME_SCHEDULE, *common),
+        str(straight_dir / "checkpoints" / "latest")))
     assert in_training["targets"]["acdc_night"]["IoU"] == from_checkpoint["IoU"]
 
 
@@ -125,11 +83,11 @@ def _buffer_digests(env, config, overrides_):
     return seen
 
 
-def test_every_rank_checkpoints_and_evaluates_one_model(shards, tmp_path):
+def test_every_rank_checkpoints_and_evaluates_one_model(demo_shards, tmp_path):
     """DDP runs without buffer broadcasts: the ranks' batch-norm statistics (student and EMA
     teacher) drift apart between syncs, and every checkpoint and evaluation sees rank 0's on
     every rank (an evaluation without a checkpoint at iteration 3, both at 4)."""
-    args = overrides(shards, tmp_path, "trainer.max_iters=4", "trainer.ckpt_interval=2", "trainer.eval_interval=3",
+    args = night_overrides(demo_shards, tmp_path, "trainer.max_iters=4", "trainer.ckpt_interval=2", "trainer.eval_interval=3",
                      "schedule.warmup_iters=2")
     rank0, rank1 = run_ranks(_buffer_digests, 2, args=(DEMO / "tiny_uda.yaml", args))
     assert [e[:2] for e in rank0] == [e[:2] for e in rank1]
@@ -175,13 +133,13 @@ def test_demo_end_to_end_through_torchrun(tmp_path):
     (None, "data.source.shards: no shard folder set for stream 'source'"),
     ("data.target.shards={missing}", "no manifest"),
 ])
-def test_a_run_that_cannot_start_says_why_and_leaves_nothing(shards, tmp_path, override, message):
+def test_a_run_that_cannot_start_says_why_and_leaves_nothing(demo_shards, tmp_path, override, message):
     import subprocess
     import sys
 
     args = [f"run.out_dir={tmp_path / 'runs'}"]
     if override:
-        args += [f"data.source.shards={shards['cityscapes_train']}", override.format(missing=tmp_path / "nope")]
+        args += [f"data.source.shards={demo_shards['cityscapes_train']}", override.format(missing=tmp_path / "nope")]
     proc = subprocess.run([sys.executable, "-m", "eglp_dist", "train", str(DEMO / "tiny_uda.yaml"), *args],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]

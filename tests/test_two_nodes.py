@@ -55,13 +55,8 @@ def two_nodes():
             _ip("netns", "del", n, check=False)
 
 
-@pytest.fixture
-def shards(tiny_shards):
-    return tiny_shards
-
-
-def _args(shards, out):
-    return tiny_train_args(shards, out, "trainer.max_iters=4")
+def _args(tiny_shards, out):
+    return tiny_train_args(tiny_shards, out, "trainer.max_iters=4")
 
 
 def _env(**extra):
@@ -76,9 +71,9 @@ def _student(run: Path):
     return export_fp32(run / "demo_source_only" / "checkpoints" / "iter_0000004" / "engines" / "student")
 
 
-def test_two_nodes_in_network_namespaces_train_like_two_ranks_on_one_node(two_nodes, shards, tmp_path):
+def test_two_nodes_in_network_namespaces_train_like_two_ranks_on_one_node(two_nodes, tiny_shards, tmp_path):
     script = str(ROOT / "launch" / "torchrun.sh")
-    one = subprocess.run(["bash", script, CONFIG, *_args(shards, tmp_path / "one")], cwd=ROOT,
+    one = subprocess.run(["bash", script, CONFIG, *_args(tiny_shards, tmp_path / "one")], cwd=ROOT,
                          env=_env(NPROC="2", MASTER_PORT=str(free_port()), RUN_ID="one"),
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -89,7 +84,7 @@ def test_two_nodes_in_network_namespaces_train_like_two_ranks_on_one_node(two_no
                        LOCAL_ADDR=addr, GLOO_SOCKET_IFNAME=veth, RDZV_CONF=f"is_host={int(i == 0)}")
             log = open(tmp_path / f"node{i}.log", "w")
             procs.append(subprocess.Popen(["ip", "netns", "exec", ns, "bash", script, CONFIG,
-                                           *_args(shards, tmp_path / "two")],  # one file system, as a cluster's
+                                           *_args(tiny_shards, tmp_path / "two")],  # one file system, as a cluster's
                                           cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
         deadline = time.time() + 300
         codes = [p.wait(timeout=max(1, deadline - time.time())) for p in procs]
