@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from eglp_dist.config import load_config, save_resolved
+from eglp_dist.config import PACKAGE_CONFIG_ROOT, load_config, save_resolved
 from eglp_dist.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,3 +93,30 @@ def test_a_key_of_a_method_node_the_active_method_does_not_read_is_said_once(cap
     assert "method.eglp.dnis.temperature has no effect: method.name=uda does not read method.eglp" in err
     load_config(PACKAGE_CONFIG_ROOT / "demo" / "tiny_uda.yaml", ["method.name=eglp", "method.eglp.dnis.temperature=7"])
     assert "no effect" not in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ one validation path
+
+def test_field_rules_hold_on_every_path_a_config_takes():
+    """Choices and bounds are declared on the fields and checked by one function on every
+    merge (run configs, model files) and for configs built as dataclasses."""
+    import pytest
+
+    from eglp_dist.data.config import DataConfig, check_data_config
+    from eglp_dist.errors import ConfigError
+    from eglp_dist.models.config import load_model_config, validate
+
+    with pytest.raises(ConfigError, match=r"model\.head\.embed_dim.*must be > 0"):
+        load_model_config("tiny_daformer", {"head.embed_dim": 0})  # a model file's merge
+    with pytest.raises(ConfigError, match=r"model\.spn\.prompt_prob.*in \[0, 1\]"):
+        load_config(PACKAGE_CONFIG_ROOT / "demo" / "tiny_spn.yaml", ["model.spn.prompt_prob=2"])
+    cfg = DataConfig()
+    cfg.source.flip_prob = 1.5
+    with pytest.raises(ConfigError, match=r"data\.source\.flip_prob.*in \[0, 1\]"):
+        check_data_config(cfg)  # a dataclass, never merged
+    from eglp_dist.models.config import ModelConfig
+
+    m = ModelConfig()
+    m.output_stride = 12
+    with pytest.raises(ConfigError, match=r"model\.output_stride.*not one of \[None, 8, 16, 32\]"):
+        validate(m)

@@ -13,6 +13,7 @@ from eglp_dist.data.loader import build_eval_loader, build_train_stream
 from eglp_dist.data.offline.pack import pack
 from eglp_dist.data.shards import eval_range
 from eglp_dist.errors import ConfigError, DataError
+import numpy as np
 
 BACKENDS = ["pil", "dali"]
 LEVEL = 1.0 / 57.12  # one grey level after normalisation (smallest std)
@@ -227,3 +228,50 @@ def test_bad_values_are_rejected_naming_the_key(tmp_path):
     cfg.source.ratio_range = [2.0, 0.5]
     with pytest.raises(ConfigError, match=r"data\.source\.ratio_range"):
         build_train_stream(cfg.source, cfg)
+
+
+# ------------------------------------------------------------------ resize filter (mmcv's cv2)
+
+def test_resampling_is_mmcvs_cv2_inter_linear_and_inter_nearest_by_default():
+    """DAFormer/HRDA's Resize is mmcv.imrescale = cv2.resize INTER_LINEAR (no antialiasing)
+    for images and INTER_NEAREST for labels; a resized-then-cropped sample must be the same
+    pixels, bit for bit, though the pil back-end resizes only the part the crop reaches."""
+    import io
+
+    import cv2
+    from PIL import Image
+
+    from eglp_dist.data.augment import Geometry, crop_label
+    from eglp_dist.data.config import DataConfig
+    from eglp_dist.data.pil import resample
+
+    assert DataConfig().resample == "mmcv"
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (300, 500, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    lab = rng.integers(0, 19, (300, 500), dtype=np.uint8)
+    # 2x down (cv2's area fast path), odd down, up, 2x up; a scale so near 1 that the part
+    # resized keeps its size (cv2 would copy it); then random sizes and crops, crops at every
+    # edge included (the part resized must not clamp where the image does not)
+    cases = [(150, 250, 17, 23, 100, 128), (137, 229, 17, 23, 100, 128), (611, 1003, 17, 23, 100, 128),
+             (600, 1000, 0, 0, 100, 128), (300, 501, 10, 20, 50, 60)]
+    for i in range(40):
+        H, W = int(rng.integers(40, 700)), int(rng.integers(60, 1100))
+        h, w = min(int(rng.integers(8, 160)), H), min(int(rng.integers(8, 160)), W)
+        top = [0, H - h, int(rng.integers(0, H - h + 1))][i % 3]
+        left = [W - w, 0, int(rng.integers(0, W - w + 1))][i % 3]
+        cases.append((H, W, top, left, h, w))
+    for H, W, top, left, h, w in cases:
+        sy, sx = H / 300, W / 500
+        box = (left / sx, top / sy, (left + w) / sx, (top + h) / sy)
+        ref = cv2.resize(img, (W, H), interpolation=cv2.INTER_LINEAR)[top:top + h, left:left + w]
+        for flip in (False, True):
+            ours = resample(buf.getvalue(), Geometry(box, (h, w), (h, w), (H, W), (top, left), flip))
+            assert np.array_equal(ours, ref[:, ::-1] if flip else ref), (H, W, top, left, h, w, flip)
+        ref_lab = cv2.resize(lab, (W, H), interpolation=cv2.INTER_NEAREST)[top:top + h, left:left + w]
+        assert np.array_equal(crop_label(lab, (H, W), top, left, (h, w)), ref_lab)
+    # the other convention stays available: antialiased when shrinking, so it differs from cv2
+    whole = Geometry((0.0, 0.0, 500.0, 300.0), (150, 250), (150, 250), (150, 250), (0, 0), False)
+    anti = resample(buf.getvalue(), whole, mode="antialias")
+    assert np.abs(anti.astype(int) - cv2.resize(img, (250, 150), interpolation=cv2.INTER_LINEAR).astype(int)).max() > 5

@@ -248,3 +248,35 @@ def test_missing_root_and_unknown_dataset(tmp_path):
     with pytest.raises(DataError, match="no images"):
         pack("cityscapes", tmp_path / "empty", "train", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ lossless evaluation pixels
+
+def test_evaluation_splits_are_packed_losslessly_and_training_splits_as_jpeg(tmp_path):
+    from PIL import Image
+
+    from eglp_dist.data.offline import synth
+    from eglp_dist.data.offline.pack import pack
+    from eglp_dist.data.shards import open_shards
+
+    root = tmp_path / "cs"
+    synth.write_dataset("cityscapes", root, n=3, splits=["train", "val"], size=(64, 32))
+    for split, ext in (("val", "png"), ("train", "jpg")):
+        m = pack("cityscapes", root, split, tmp_path / split, workers=1, progress=False)
+        assert m["image_format"] == ext
+        reader = open_shards(tmp_path / split)
+        for i, s in enumerate(m["samples"]):
+            comps = reader.read(i)
+            assert ext in comps
+            if split == "val":  # the dataset's own pixels, exactly
+                import io
+
+                got = np.asarray(Image.open(io.BytesIO(comps["png"])).convert("RGB"))
+                assert np.array_equal(got, np.asarray(Image.open(root / s["source"]).convert("RGB")))
+    # a JPEG source is stored as it is, whatever the format (no second lossy generation)
+    mroot = tmp_path / "map"
+    synth.write_dataset("mapillary", mroot, n=2, splits=["val"], size=(64, 32))
+    m = pack("mapillary", mroot, "val", tmp_path / "mv", workers=1, progress=False)
+    reader = open_shards(tmp_path / "mv")
+    for i, s in enumerate(m["samples"]):
+        assert reader.read(i)["jpg"] == (mroot / s["source"]).read_bytes()

@@ -9,6 +9,7 @@ from eglp_dist.data.loader import build_train_stream
 from eglp_dist.data.offline.pack import pack
 from eglp_dist.data.sampling import (ClassUniformSampler, Pick, RareClassSampler, UniformSampler,
                                      rcs_class_probs)
+from eglp_dist.config import PACKAGE_CONFIG_ROOT, load_config
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +106,22 @@ def test_rescale_follows_mmseg_keep_ratio():
     assert rescale_hw((1052, 1914), [1280, 720]) == (704, 1280)  # GTA5 in DAFormer
     assert rescale_hw((1024, 2048), [2048, 1024], 0.5) == (512, 1024)
     assert rescale_hw((1200, 900), [2048, 1024]) == (1365, 1024)  # portrait: short edge bound
+
+
+def test_rare_class_sampling_tries_the_first_crop_and_ten_more_as_daformer():
+    """DAFormer's uda_dataset.py: one crop, then `for j in range(10)` re-crops (11 in all)."""
+    cfg = load_config(PACKAGE_CONFIG_ROOT / "demo" / "tiny_source_only.yaml",
+                      ["data.source.sampling.mode=rcs", "data.source.ratio_range=null"]).data.source
+    aug = Augmenter(cfg, min_class_pixels=10 ** 9)  # never satisfied: every try is made
+    calls = []
+    inner = aug._crop
+
+    def counting(*args, **kw):
+        calls.append(1)
+        return inner(*args, **kw)
+
+    aug._crop = counting
+    label = np.zeros((128, 256), np.uint8)
+    label[:8, :8] = 13
+    aug.draw(np.random.default_rng(0), (128, 256), label, Pick(0, 13))
+    assert len(calls) == 11

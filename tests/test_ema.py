@@ -3,6 +3,7 @@ import torch
 
 from eglp_dist.methods.parts.ema import EMATeacher, ema_alpha
 from tiny_models import make_tiny
+from dist_harness import run_ranks
 
 
 @pytest.mark.parametrize("step,expected", [(0, 0.0), (1, 0.5), (9, 0.9), (999, 0.999), (10**6, 0.999)])
@@ -52,3 +53,25 @@ def test_teacher_mode_switches_off_dropout_and_drop_path_only():
     assert bn.training and not drop.training and not drop_path.training
     x = torch.randn(2, 3, 5, 5)
     torch.testing.assert_close(teacher.module(x), teacher.module(x))  # no stochastic layer active
+
+
+def _teacher_bn(env):
+    from eglp_dist.methods.parts.ema import EMATeacher
+
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    teacher = EMATeacher(student)
+    g = torch.Generator().manual_seed(env.rank)  # each rank its own target batch
+    with torch.no_grad():
+        teacher.pseudo_label_mode()(torch.randn(2, 3, 8, 8, generator=g) * (env.rank + 1))
+    before = teacher.module[1].running_var.clone()
+    teacher.sync_buffers()
+    return before, teacher.module[1].running_var.clone()
+
+
+def test_ema_teacher_batch_norm_statistics_are_one_model_after_sync():
+    """The teacher's BN runs in training mode (DAFormer), so its running statistics drift
+    per rank; synced where the students' are, the checkpoint's teacher is every rank's."""
+    (b0, a0), (b1, a1) = run_ranks(_teacher_bn, 2)
+    assert not torch.equal(b0, b1)  # drifted apart
+    assert torch.equal(a0, b0) and torch.equal(a1, b0)  # rank 0's everywhere

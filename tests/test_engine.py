@@ -4,6 +4,7 @@ import torch
 
 from dist_harness import run_ranks
 from tiny_models import batch, make_tiny
+from eglp_dist.config import PACKAGE_CONFIG_ROOT, load_config
 
 KINDS = ["ddp", "zero1", "zero2"]
 
@@ -279,3 +280,34 @@ def test_the_private_zero_members_are_checked_when_an_engine_is_built(capsys):
     with pytest.raises(ConfigError, match=r"engine.kind=zero1: DeepSpeed 0.22.1's SimpleNamespace lacks "
                                           r"_load_global_state, _hp_optimizer_states_linked"):
         zero_internals.check(renamed, "zero1", "0.22.1")
+
+
+# ------------------------------------------------------------------ noise a new user sees
+
+def _ddp_step_warnings(env):
+    import warnings
+
+    from eglp_dist.methods import build_method
+
+    cfg = load_config(PACKAGE_CONFIG_ROOT / "demo" / "tiny_source_only.yaml", ["data.source.crop_size=[64,64]"])
+    with warnings.catch_warnings(record=True) as caught:  # keeps the filters in force
+        method = build_method(cfg, env, torch.device("cpu"))  # MiT-b0: depthwise convs under DDP
+        g = torch.Generator().manual_seed(0)
+        method.step({"source": {"img": torch.randn(2, 3, 64, 64, generator=g),
+                                "seg": torch.randint(0, 19, (2, 64, 64), generator=g)}}, 0)
+    return [str(w.message).splitlines()[0] for w in caught]
+
+
+def test_ddp_does_not_warn_about_depthwise_grad_strides_but_would_about_real_ones():
+    for messages in run_ranks(_ddp_step_warnings, 2):
+        assert not [m for m in messages if "Grad strides" in m], messages
+    import warnings
+
+    from eglp_dist.runtime.ddp_engine import quiet_depthwise_stride_warning
+
+    head = "Grad strides do not match bucket view strides. This may indicate ...\n"
+    with warnings.catch_warnings(record=True) as caught:
+        quiet_depthwise_stride_warning()  # what every DDP engine does
+        warnings.warn(head + "grad.sizes() = [1024, 1, 3, 3], strides() = [9, 1, 3, 1]", UserWarning)
+        warnings.warn(head + "grad.sizes() = [64, 32, 3, 3], strides() = [288, 1, 96, 32]", UserWarning)
+    assert [str(w.message).splitlines()[1] for w in caught] == ["grad.sizes() = [64, 32, 3, 3], strides() = [288, 1, 96, 32]"]

@@ -15,6 +15,8 @@ from eglp_dist.methods.parts.mic import block_mask
 from eglp_dist.methods.parts.pseudo_label import pseudo_labels
 from eglp_dist.methods.parts import strong_aug as sa
 from eglp_dist.methods.parts.strong_aug import strong_augment
+from dist_harness import run_ranks
+from eglp_dist.config import PACKAGE_CONFIG_ROOT, load_config
 
 MEAN = [123.675, 116.28, 103.53]
 STD = [58.395, 57.12, 57.375]
@@ -478,3 +480,50 @@ def test_ops_on_cuda_match_cpu():
     lab, w, c = pseudo_labels(torch.randn(2, 19, 8, 8, generator=gen(5)).to(dev), 0.5, 1, 1)
     assert lab.device.type == w.device.type == c.device.type == "cuda"
     assert block_mask(2, 64, 64, 16, 0.7, generator=gen(6), device=dev).device.type == "cuda"
+
+
+def test_pseudo_label_margins_cover_left_and_right_columns():
+    """PIG's margins [top, bottom, left, right] = [30, 240, 30, 30]: columns too."""
+    logits = torch.zeros(1, 19, 8, 10)
+    logits[:, 0] = 10.0
+    _, weight, conf = pseudo_labels(logits, 0.5, ignore_top=1, ignore_bottom=2, ignore_left=3, ignore_right=1)
+    assert conf.item() == 1.0
+    expected = torch.zeros(8, 10)
+    expected[1:6, 3:9] = 1.0
+    assert torch.equal(weight[0], expected)
+
+
+def _mic_backward(env, weight):
+    from eglp_dist.methods import build_method
+
+    cfg = load_config(PACKAGE_CONFIG_ROOT / "demo" / "tiny_uda.yaml",
+                      ["method.mic.enabled=true", f"method.mic.weight={weight}", "method.pseudo.threshold=0.01",
+                       "data.source.crop_size=[64,64]",
+                       "data.target.crop_size=[64,64]"])
+    method = build_method(cfg, env, torch.device("cpu"))
+    seen = []
+    original = method.student.backward
+    method.student.backward = lambda loss: (seen.append(loss.detach().clone()), original(loss))[1]
+    forwards = []
+    inner = method.train_forward
+
+    def spy(engine, images, seg, w=None, prefix="src"):
+        out = inner(engine, images, seg, w, prefix)
+        forwards.append((prefix, {k: v.detach().clone() for k, v in out[1].items()}))
+        return out
+
+    method.train_forward = spy
+    g = torch.Generator().manual_seed(0)
+    batches = {"source": {"img": torch.randn(2, 3, 64, 64, generator=g), "seg": torch.randint(0, 19, (2, 64, 64), generator=g)},
+               "target": {"img": torch.randn(2, 3, 64, 64, generator=g)}}
+    method.step(batches, 0)
+    (_, masked), = [f for f in forwards if f[0] == "masked"]
+    return seen[-1], masked
+
+
+def test_mic_weight_scales_only_the_masked_decode_loss():
+    """MIC (masking_consistency_module.py) multiplies `decode.loss_seg` by mask_lambda: HRDA's
+    fused term, not its detail term."""
+    (loss, parts), = run_ranks(_mic_backward, 1, args=(3.0,))
+    assert parts["loss_seg"] > 0 and parts["loss_seg_hr"] > 0  # (threshold 0.01: pseudo weights 1)
+    torch.testing.assert_close(loss, 3.0 * parts["loss_seg"] + parts["loss_seg_hr"])

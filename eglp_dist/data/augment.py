@@ -94,7 +94,7 @@ def resize_crop(image: np.ndarray, geom: Geometry) -> np.ndarray:
     resized: cv2 gives an output pixel taps and weights that depend on its index and the scale
     alone (``fx`` is the full resize's, ``scaled / size``), so that part's resize is the full
     one's top-left corner as long as no tap the crop uses is clamped at the part's own edge,
-    which the margin rules out (``tests/test_fidelity.py`` checks it against the full resize).
+    which the margin rules out (``tests/test_data_loaders.py`` checks it against the full resize).
     """
     import cv2
 
