@@ -32,8 +32,9 @@ def night_folders(shards, prompt: bool = False) -> Dict[str, str]:
     return folders
 
 
-def night_overrides(shards, out, *extra, prompt: bool = False) -> List[str]:
-    return shard_overrides(out, night_folders(shards, prompt), *extra)
+def night_overrides(shards, out, *extra) -> List[str]:
+    """``shard_overrides`` for the day -> night task's source, target and validation streams."""
+    return shard_overrides(out, night_folders(shards), *extra)
 
 
 @dataclass

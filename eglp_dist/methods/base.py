@@ -14,12 +14,12 @@ A ``Method`` owns everything that learns or draws random numbers:
 
 The loop gives ``step(batches, it)`` one batch per stream named in ``streams`` and gets back
 detached scalar tensors to log; ``visuals()`` returns the last step's pictures for TensorBoard.
+EGLP's NFNet is a second engine in the same process; nothing here assumes only one.
 
 Every recipe is the same shape: ``phases()`` lists the bound methods one iteration runs, in
 order, and each reads and fills one ``state_type`` instance (a dataclass: what the phases
 hand each other, every field named). A recipe built on another overrides the phases it
 changes, adds its own, and lists them; it never copies the ones it keeps.
-EGLP's NFNet is a second engine in the same process; nothing here assumes only one.
 """
 from __future__ import annotations
 

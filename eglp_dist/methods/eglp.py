@@ -34,7 +34,7 @@ import torch
 
 from eglp_dist.methods.parts.dnis import DNIS, confident_labels
 from eglp_dist.methods.parts.fusion import (dms_weights, fis_classes, fuse_labels, mix_probabilities,
-                                   prompt_class_masks)
+                                            prompt_class_masks)
 from eglp_dist.methods.parts.rcm import ClassConfidence, RareClassMemory, rare_pixel_weights
 from eglp_dist.device_constants import class_mask
 from eglp_dist.errors import ConfigError

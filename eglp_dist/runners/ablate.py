@@ -247,6 +247,10 @@ def spn_tables(results: Dict[str, Dict[int, dict]], seeds: List[int]) -> str:
 # ----------------------------------------------------------------------------- main
 
 def git_commit() -> str:
+    """The source tree's commit (``unknown`` for an installed copy: ROOT is then no source tree,
+    and a git repository around it would be someone else's)."""
+    if not (ROOT / "pyproject.toml").is_file():
+        return "unknown"
     try:
         head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=True).stdout.strip()

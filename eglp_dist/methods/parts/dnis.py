@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from eglp_dist.data.labels import CLASSES
-from eglp_dist.methods.parts.similarity import (NUM_FEATURES, binned_sums, class_bins, flat_pixels, pixel_features,
-                                       stats_distance)
+from eglp_dist.methods.parts.similarity import (NUM_FEATURES, binned_sums, class_bins, flat_pixels,
+                                                pixel_features, stats_distance)
 
 WIDTH = 1 + 2 * NUM_FEATURES  # count, sums, sums of squares
 
